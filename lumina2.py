@@ -1,0 +1,674 @@
+"""
+Lumina Image 2.0 in one file: the Next-DiT diffusion transformer, the FLUX.1 autoencoder, the
+Gemma-2-2B text-encoder wrapper, and loaders for the weight files users actually download.
+
+References (read, not copied):
+  - Alpha-VLLM/Lumina-Image-2.0 models/model.py (NextDiT, the numerical reference)
+  - black-forest-labs/flux src/flux/modules/autoencoder.py (the AE layout of ae.safetensors)
+  - Hugging Face transformers Gemma2Model (the text encoder runs through it, eager attention)
+  - diffusers Lumina2Transformer2DModel / AutoencoderKL (the independent references in test_parity.py)
+
+Conventions (see README): the DiT takes t = 1 - sigma in [0, 1] (0 = noise, 1 = clean, no x1000) and
+returns the velocity v = x0 - noise. Weights are stored in bf16; the fp32 islands are marked
+"fp32 island" below. Module attribute names equal the checkpoint keys, so loading is strict.
+
+    python -c "import lumina2; m = lumina2.load_dit('lumina_2_model_bf16.safetensors'); print(m)"
+    python -c "import lumina2; te = lumina2.load_text_encoder('gemma_2_2b_fp16.safetensors'); print(te(['a cat'])[0].shape)"
+"""
+import json
+import math
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTENTION = "sdpa"  # "sdpa" (torch kernels, flash when unmasked), "flash" (flash-attn varlen), "math" (fp32 reference)
+GEMMA_SOFTCAP = True  # Gemma-2's attention logit softcap of 50 (HF/official); False = ComfyUI/sd-scripts numerics
+
+# -----------------------------------------------------------------------------
+# small functions
+
+
+def timestep_embedding(t, dim=256, max_period=10000.0):
+    """t (B,) in [0, 1], used as is -> (B, dim) fp32 sinusoid, cos half first. fp32 island."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_angles(pos, axes_dims, theta=10000.0):
+    """pos (B, S, 3) integer positions -> (B, S, head_dim/2) fp32 rotation angles, one block per axis.
+    fp32 island: the angle is formed in float64 and rounded once, as the official table does."""
+    parts = []
+    for axis, d in enumerate(axes_dims):
+        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)
+        parts.append((pos[..., axis, None].double() * omega).float())
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, S, H, D); cos/sin (B, S, D/2). Rotates adjacent pairs (x0 + i x1, x2 + i x3, ...) in fp32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, H/p * W/p, p*p*C): row-major patches, features laid out (ph, pw, c), c fastest."""
+    B, C, H, W = x.shape
+    return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, H, W, p):
+    """Exact inverse of patchify: (B, N, p*p*C) -> (B, C, H, W)."""
+    B = x.shape[0]
+    return x.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
+
+
+def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
+    """The official FFN width: 4*dim (no 2/3 factor), optionally scaled, rounded up to multiple_of."""
+    hidden = 4 * dim
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# -----------------------------------------------------------------------------
+# attention: one function, three backends chosen by ATTENTION
+
+
+def attention(q, k, v, mask):
+    """q (B, S, Hq, D), k/v (B, S, Hkv, D) with query head h reading kv head h // (Hq/Hkv);
+    mask (B, S) bool key mask, or None when every key is valid. Returns (B, S, Hq, D)."""
+    if ATTENTION == "sdpa":
+        m = None if mask is None else mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, enable_gqa=True)
+        return o.transpose(1, 2)
+    if ATTENTION == "math":
+        return math_attention(q, k, v, mask)
+    if ATTENTION == "flash":
+        return flash_attention(q, k, v, mask)
+    raise ValueError(f"ATTENTION must be 'sdpa', 'flash' or 'math', got {ATTENTION!r}")
+
+
+def math_attention(q, k, v, mask):
+    """The readable reference. fp32 island: scores, softmax and the weighted sum run in fp32."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).type_as(q)
+
+
+def flash_attention(q, k, v, mask):
+    """flash-attn: dense when unmasked, else varlen over the valid tokens (masked query rows come back 0)."""
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError as e:
+        raise ImportError("ATTENTION='flash' needs the flash-attn package (pip install flash-attn "
+                          "--no-build-isolation, CUDA only); or use ATTENTION='sdpa'") from e
+    if mask is None:
+        return flash_attn_func(q, k, v)
+    B, S, H, D = q.shape
+    idx = mask.flatten().nonzero().squeeze(1)
+    lens = mask.sum(1, dtype=torch.int32)
+    cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    n = int(lens.max())
+    o = flash_attn_varlen_func(q.flatten(0, 1)[idx], k.flatten(0, 1)[idx], v.flatten(0, 1)[idx], cu, cu, n, n)
+    return q.new_zeros(B * S, H, D).index_copy(0, idx, o).view(B, S, H, D)
+
+
+# -----------------------------------------------------------------------------
+# Next-DiT modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 island: normalise in fp32, cast back, then scale (the official order)
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, n_heads, n_kv_heads, qk_norm, norm_eps):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)  # rows: q | k | v
+        self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
+
+    def forward(self, x, mask, rope):
+        B, S, _ = x.shape
+        hq, hkv, d = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.head_dim
+        q, k, v = self.qkv(x).split([hq, hkv, hkv], dim=-1)
+        q = apply_rope(self.q_norm(q.view(B, S, -1, d)), *rope)  # per-head norm, then RoPE
+        k = apply_rope(self.k_norm(k.view(B, S, -1, d)), *rope)
+        return self.out(attention(q, k, v.view(B, S, -1, d), mask).flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Sandwich-normed attention + FFN. With `modulation`, a scale and a tanh gate per branch come from
+    the timestep embedding c (no shift terms); without it (context refiner) both are identity."""
+
+    def __init__(self, dim, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier, norm_eps, qk_norm, modulation):
+        super().__init__()
+        self.attention = Attention(dim, n_heads, n_kv_heads, qk_norm, norm_eps)
+        self.feed_forward = FeedForward(dim, ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier))
+        self.attention_norm1 = RMSNorm(dim, norm_eps)
+        self.ffn_norm1 = RMSNorm(dim, norm_eps)
+        self.attention_norm2 = RMSNorm(dim, norm_eps)
+        self.ffn_norm2 = RMSNorm(dim, norm_eps)
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(dim, 1024), 4 * dim))
+
+    def forward(self, x, mask, rope, c=None):
+        # x (B, S, dim), mask (B, S) key mask or None, rope (cos, sin) each (B, S, head_dim/2), c (B, 1024)
+        if c is None:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, rope))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(4, dim=-1)
+        x = x + gate_msa.tanh() * self.attention_norm2(self.attention(self.attention_norm1(x) * (1 + scale_msa), mask, rope))
+        return x + gate_mlp.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.mlp[0].in_features).to(self.mlp[0].weight.dtype))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(dim, 1024), dim))
+
+    def forward(self, x, c):
+        # fp32 island: the affine-free LayerNorm (eps 1e-6) runs in fp32
+        x = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6).type_as(x)
+        return self.linear(x * (1 + self.adaLN_modulation(c)[:, None]))
+
+
+class NextDiT(nn.Module):
+    """Next-DiT with the official constructor names, so any official config transfers 1:1."""
+
+    def __init__(self, patch_size=2, in_channels=16, dim=2304, n_layers=26, n_refiner_layers=2, n_heads=24,
+                 n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
+                 cap_feat_dim=2304, axes_dims=(32, 32, 32), axes_lens=(300, 512, 512)):
+        super().__init__()
+        assert sum(axes_dims) == dim // n_heads, "axes_dims must add up to head_dim"
+        self.patch_size, self.in_channels, self.axes_dims, self.axes_lens = patch_size, in_channels, tuple(axes_dims), tuple(axes_lens)
+        block = lambda modulation: TransformerBlock(dim, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier, norm_eps, qk_norm, modulation)
+        self.x_embedder = nn.Linear(patch_size * patch_size * in_channels, dim)
+        self.noise_refiner = nn.ModuleList([block(True) for _ in range(n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([block(False) for _ in range(n_refiner_layers)])
+        self.t_embedder = TimestepEmbedder(min(dim, 1024))
+        self.cap_embedder = nn.Sequential(RMSNorm(cap_feat_dim, norm_eps), nn.Linear(cap_feat_dim, dim))
+        self.layers = nn.ModuleList([block(True) for _ in range(n_layers)])
+        self.norm_final = RMSNorm(dim, norm_eps)  # stored in every checkpoint, never used by forward; kept so saves stay loadable everywhere
+        self.final_layer = FinalLayer(dim, patch_size * patch_size * in_channels)
+
+    def rope(self, pos):
+        angles = rope_angles(pos, self.axes_dims)
+        return angles.cos(), angles.sin()
+
+    def forward(self, x, t, cap_feats, cap_mask):
+        """x (B, C, H, W) noisy latents, t (B,) = 1 - sigma, cap_feats (B, L, cap_feat_dim),
+        cap_mask (B, L) right-padded validity -> velocity x0 - noise, (B, C, H, W) fp32."""
+        B, C, H, W = x.shape
+        p, dtype = self.patch_size, self.x_embedder.weight.dtype
+        h, w = H // p, W // p
+        cap_lens = cap_mask.sum(1).long()  # (B,) valid caption tokens per sample
+        L = int(cap_lens.max())
+        assert L < self.axes_lens[0], f"caption of {L} tokens: this model's RoPE table allows {self.axes_lens[0] - 1}"
+        assert h <= self.axes_lens[1] and w <= self.axes_lens[2], f"latent {H}x{W} exceeds the RoPE table"
+        # trimming padding to the longest caption makes the result independent of the padded length, and
+        # when all captions have one length no mask is needed at all (the fast, unmasked kernels run)
+        cap_mask = cap_mask[:, :L].bool()
+        key_mask = None if bool(cap_mask.all()) else cap_mask
+
+        # positions: caption token j -> (j, 0, 0); image patch (r, c) -> (cap_len, r, c)
+        dev = x.device
+        j = torch.arange(L, device=dev)
+        cap_pos = torch.stack([j, torch.zeros_like(j), torch.zeros_like(j)], -1).expand(B, L, 3)
+        rows, cols = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+        img_pos = torch.stack([cap_lens[:, None].expand(B, h * w), rows.flatten().expand(B, -1), cols.flatten().expand(B, -1)], -1)
+        cap_rope, img_rope = self.rope(cap_pos), self.rope(img_pos)
+
+        c = self.t_embedder(t)  # (B, min(dim, 1024))
+        cap = self.cap_embedder(cap_feats[:, :L].to(dtype))  # (B, L, dim)
+        for layer in self.context_refiner:
+            cap = layer(cap, key_mask, cap_rope)
+        cap = cap.masked_fill(~cap_mask[..., None], 0)  # padded slots carry no garbage into the joint sequence
+
+        img = self.x_embedder(patchify(x.to(dtype), p))  # (B, h*w, dim)
+        for layer in self.noise_refiner:
+            img = layer(img, None, img_rope, c)
+
+        # joint sequence [caption (L, padded) ; image]: with the padded caption slots masked as keys this
+        # equals the official [caption (cap_len) ; image ; padding] layout, since positions are explicit
+        x = torch.cat([cap, img], dim=1)
+        mask = None if key_mask is None else F.pad(key_mask, (0, h * w), value=True)
+        rope = tuple(torch.cat(pair, dim=1) for pair in zip(cap_rope, img_rope))
+        for layer in self.layers:
+            x = layer(x, mask, rope, c)
+        return unpatchify(self.final_layer(x[:, L:], c), H, W, p).float()
+
+
+DIT_PRESETS = {
+    "2b": dict(patch_size=2, in_channels=16, dim=2304, n_layers=26, n_refiner_layers=2, n_heads=24, n_kv_heads=8,
+               multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2304,
+               axes_dims=(32, 32, 32), axes_lens=(300, 512, 512)),
+    "tiny": dict(patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=2,
+                 multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True, cap_feat_dim=64,
+                 axes_dims=(8, 4, 4), axes_lens=(300, 512, 512)),
+}
+
+# -----------------------------------------------------------------------------
+# FLUX.1 autoencoder (BFL layout: ae.safetensors)
+
+
+def group_norm(c):
+    return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions; q/k/v/proj_out are 1x1 convs as in the file."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = group_norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, then a stride-2 conv
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: res blocks, then an optional down- or upsample (names as in the file)."""
+
+    def __init__(self, c_in, c_out, n_blocks, resample=None):
+        super().__init__()
+        self.block = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks)])
+        if resample == "down":
+            self.downsample = Downsample(c_out)
+        elif resample == "up":
+            self.upsample = Upsample(c_out)
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels, in_channels):
+        super().__init__()
+        chans = [ch] + [ch * m for m in ch_mult]
+        n = len(ch_mult)
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList([Level(chans[i], chans[i + 1], num_res_blocks, "down" if i < n - 1 else None) for i in range(n)])
+        self.mid = MidBlock(chans[-1])
+        self.norm_out = group_norm(chans[-1])
+        self.conv_out = nn.Conv2d(chans[-1], 2 * z_channels, 3, padding=1)  # mean | logvar
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels, out_ch):
+        super().__init__()
+        n = len(ch_mult)
+        chans = [ch * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(z_channels, chans[-1], 3, padding=1)
+        self.mid = MidBlock(chans[-1])
+        # up[i] works at chans[i]; it runs from i = n-1 down to 0 and takes its input from level i+1
+        self.up = nn.ModuleList([Level(chans[min(i + 1, n - 1)], chans[i], num_res_blocks + 1, "up" if i > 0 else None) for i in range(n)])
+        self.norm_out = group_norm(chans[0])
+        self.conv_out = nn.Conv2d(chans[0], out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    scale_factor, shift_factor = 0.3611, 0.1159
+
+    def __init__(self, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16, in_channels=3, out_ch=3):
+        super().__init__()
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, in_channels)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, out_ch)
+
+    def encode(self, images, sample=False, generator=None):
+        """images (B, 3, H, W) in [-1, 1] -> latents (B, 16, H/8, W/8) = 0.3611 (z - 0.1159), z the
+        posterior mean (or a posterior sample with sample=True)."""
+        mean, logvar = self.encoder(images.to(self.encoder.conv_in.weight.dtype)).chunk(2, dim=1)
+        z = mean
+        if sample:
+            std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
+            z = mean.float() + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+        return self.scale_factor * (z.float() - self.shift_factor)
+
+    def decode(self, latents):
+        """latents -> images in [-1, 1] (fp32): the inverse scaling is applied here, exactly once."""
+        z = latents.float() / self.scale_factor + self.shift_factor
+        return self.decoder(z.to(self.decoder.conv_in.weight.dtype)).float()
+
+
+AE_PRESETS = {
+    "flux": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),
+    "tiny": dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16),
+}
+
+# -----------------------------------------------------------------------------
+# Gemma-2-2B text encoder
+
+SYSTEM_PROMPTS = {
+    "base": "You are an assistant designed to generate high-quality images based on user prompts.",
+    "align": "You are an assistant designed to generate high-quality images with the highest degree of image-text alignment based on textual prompts.",
+    "superior": "You are an assistant designed to generate superior images with the superior degree of image-text alignment based on textual prompts or user prompts.",
+}
+PROMPT_TAG = "<Prompt Start>"
+
+
+def build_prompt(caption, system_prompt):
+    """The official template "{system} <Prompt Start> {caption}"; an empty system prompt gives the bare
+    caption, and a system prompt already ending in the tag does not get a second one."""
+    if not system_prompt:
+        return caption
+    system_prompt = system_prompt.rstrip()
+    if system_prompt.endswith(PROMPT_TAG):
+        return f"{system_prompt} {caption}"
+    return f"{system_prompt} {PROMPT_TAG} {caption}"
+
+
+def gemma_config(**overrides):
+    """transformers' Gemma2Config for gemma-2-2b (its defaults), eager attention so the softcap applies."""
+    from transformers import Gemma2Config
+    cfg = Gemma2Config(**overrides)
+    cfg.attn_logit_softcapping = 50.0 if GEMMA_SOFTCAP else None
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+class TextEncoder(nn.Module):
+    """Gemma-2 without its last decoder layer and final norm: the output is hidden_states[-2] of the full
+    model (layer 24's raw output for the 2B). Tokenization is SentencePiece on the embedded proto."""
+
+    def __init__(self, config, spiece_proto, max_length=256):
+        super().__init__()
+        import sentencepiece
+        from transformers import Gemma2Model
+        self.config, self.max_length = config, max_length
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=spiece_proto)
+        cut = gemma_config(**{**config.to_dict(), "num_hidden_layers": config.num_hidden_layers - 1,
+                              "layer_types": config.layer_types[:-1]})
+        self.model = Gemma2Model(cut)
+        self.model.norm = nn.Identity()  # the features are taken before the final norm
+
+    def tokenize(self, texts):
+        """-> ids (B, L) long and mask (B, L) bool: [BOS] + pieces, no EOS, truncated to max_length,
+        right-padded with 0 to the longest in the batch."""
+        bos, pad = self.config.bos_token_id, self.config.pad_token_id
+        rows = []
+        for text in texts:
+            ids = [bos] + self.sp.encode(text)
+            if len(ids) > self.max_length:
+                warnings.warn(f"prompt of {len(ids)} tokens truncated to {self.max_length}: {text[:60]!r}...")
+            rows.append(ids[: self.max_length])
+        L = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows])
+        mask = torch.tensor([[True] * len(r) + [False] * (L - len(r)) for r in rows])
+        return ids, mask
+
+    @torch.no_grad()
+    def forward(self, captions, system_prompt=SYSTEM_PROMPTS["base"]):
+        """captions: list of str -> (features (B, L, hidden) in the weight dtype, mask (B, L) bool)."""
+        ids, mask = self.tokenize([build_prompt(c, system_prompt) for c in captions])
+        dev = self.model.embed_tokens.weight.device
+        ids, mask = ids.to(dev), mask.to(dev)
+        return self.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state, mask
+
+
+# -----------------------------------------------------------------------------
+# loaders for the files users bring
+
+DIT_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
+AE_PREFIXES = ("", "vae.", "first_stage_model.")
+GEMMA_PREFIXES = ("model.", "text_encoders.gemma2_2b.transformer.model.", "")
+SPIECE_KEYS = ("spiece_model", "text_encoders.spiece_model")
+
+
+def open_safetensors(path):
+    """-> (safe_open handle, metadata dict). A missing, truncated or non-safetensors file says so."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weight file not found: {path}")
+    try:
+        f = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({os.path.getsize(path):,} bytes; a truncated "
+                         f"download or a .ckpt/.bin pickle?). Pass the .safetensors file itself. Reader said: {e}") from e
+    return f, f.metadata() or {}
+
+
+def describe(keys):
+    """A guess at what a weight file is, from its tensor names, for error messages."""
+    keys = set(keys)
+    has = lambda *frags: any(all(fr in k for fr in frags) for k in keys)
+    if has("text_encoders.") and has("diffusion_model."):
+        return "a ComfyUI all-in-one checkpoint (DiT, Gemma and AE together)"
+    if has("lora_down") or has("lora_A") or has("lora_up"):
+        return "a LoRA file, not a base model"
+    if has("post_feedforward_layernorm"):
+        return "the Gemma-2 text encoder (gemma_2_2b_fp16.safetensors)"
+    if has("decoder.conv_in") or has("decoder.up.0.block"):
+        return "the FLUX autoencoder (ae.safetensors)"
+    if has("cap_embedder.1.weight"):
+        return "a Lumina 2 Next-DiT"
+    if has("attn.to_q") and has("time_caption_embed"):
+        return "a diffusers-format Lumina2Transformer2DModel (pass the original single file, e.g. lumina_2_model_bf16.safetensors)"
+    if has("input_blocks.") or has("down_blocks.") and has("attentions."):
+        return "an SD/SDXL UNet"
+    if has("double_blocks."):
+        return "a FLUX transformer"
+    return f"an unknown model (first keys: {sorted(keys)[:3]})"
+
+
+def find_prefix(keys, prefixes, marker, path, wanted):
+    for prefix in prefixes:
+        if prefix + marker in keys:
+            return prefix
+    raise ValueError(f"{path} does not look like {wanted}: it looks like {describe(keys)}.")
+
+
+def load_weights(model, f, prefix, dtype, device, path, skip=()):
+    """Fill a meta-device model strictly from the open file, casting each tensor as it is read so that
+    only one copy of the weights ever exists."""
+    expected = model.state_dict()
+    names = {k[len(prefix):] for k in f.keys() if k.startswith(prefix)} - set(skip)
+    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model ({describe(f.keys())}): missing {len(missing)} "
+                         f"{missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}")
+    sd = {}
+    for name, ref in expected.items():
+        t = f.get_tensor(prefix + name)
+        if t.shape != ref.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+        sd[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def count_indexed(shapes, fmt):
+    i = 0
+    while fmt.format(i) in shapes:
+        i += 1
+    return i
+
+
+def dit_config_from_shapes(shapes):
+    """Recover NextDiT's constructor arguments from tensor shapes (patch 2, qk_norm assumed)."""
+    dim, patch_in = shapes["x_embedder.weight"]
+    head_dim = shapes["layers.0.attention.q_norm.weight"][0]
+    hidden = shapes["layers.0.feed_forward.w1.weight"][0]
+    a = head_dim // 3 // 2 * 2  # axes split: (32, 32, 32) for head_dim 96, (8, 4, 4) for 16
+    if hidden == ffn_hidden_dim(dim, 256, None):
+        multiple_of, mult = 256, None
+    else:  # round_up(int(mult * 4 dim), hidden) == hidden reproduces any width
+        multiple_of, mult = hidden, (None if hidden >= 4 * dim else hidden / (4 * dim))
+    return dict(patch_size=2, in_channels=patch_in // 4, dim=dim, n_layers=count_indexed(shapes, "layers.{}.attention.qkv.weight"),
+                n_refiner_layers=count_indexed(shapes, "noise_refiner.{}.attention.qkv.weight"), n_heads=dim // head_dim,
+                n_kv_heads=(shapes["layers.0.attention.qkv.weight"][0] - dim) // (2 * head_dim), multiple_of=multiple_of,
+                ffn_dim_multiplier=mult, norm_eps=1e-5, qk_norm=True, cap_feat_dim=shapes["cap_embedder.0.weight"][0],
+                axes_dims=(head_dim - 2 * a, a, a), axes_lens=(300, 512, 512))
+
+
+def load_dit(path, dtype=torch.bfloat16, device="cpu"):
+    """lumina_2_model_bf16.safetensors / lumina-image-2.safetensors / an all-in-one checkpoint -> NextDiT."""
+    f, _ = open_safetensors(path)
+    keys = set(f.keys())
+    prefix = find_prefix(keys, DIT_PREFIXES, "cap_embedder.1.weight", path, "a Lumina 2 Next-DiT (lumina_2_model_bf16.safetensors)")
+    shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
+    with torch.device("meta"):
+        model = NextDiT(**dit_config_from_shapes(shapes))
+    return load_weights(model, f, prefix, dtype, device, path)
+
+
+def ae_config_from_shapes(shapes):
+    ch = shapes["encoder.conv_in.weight"][0]
+    levels = count_indexed(shapes, "encoder.down.{}.block.0.conv1.weight")
+    return dict(ch=ch, ch_mult=tuple(shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels)),
+                num_res_blocks=count_indexed(shapes, "encoder.down.0.block.{}.conv1.weight"),
+                z_channels=shapes["decoder.conv_in.weight"][1], in_channels=shapes["encoder.conv_in.weight"][1],
+                out_ch=shapes["decoder.conv_out.weight"][0])
+
+
+def load_ae(path, dtype=torch.bfloat16, device="cpu"):
+    """ae.safetensors (BFL layout, also under a vae. prefix) -> AutoEncoder."""
+    f, _ = open_safetensors(path)
+    keys = set(f.keys())
+    prefix = find_prefix(keys, AE_PREFIXES, "decoder.conv_in.weight", path, "the FLUX autoencoder (ae.safetensors)")
+    shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
+    with torch.device("meta"):
+        model = AutoEncoder(**ae_config_from_shapes(shapes))
+    return load_weights(model, f, prefix, dtype, device, path)
+
+
+def gemma_file_keys(config):
+    """name -> shape of every tensor a Gemma-2 file holds under `model.` (built on the meta device)."""
+    from transformers import Gemma2Model
+    with torch.device("meta"):
+        sd = Gemma2Model(gemma_config(**config.to_dict())).state_dict()
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", tokenizer=None, max_length=256):
+    """gemma_2_2b_fp16.safetensors (or an all-in-one checkpoint) -> TextEncoder. The tokenizer comes from
+    the embedded `spiece_model` tensor, or from `tokenizer` (a tokenizer.model file or a folder holding one).
+    The config is gemma-2-2b's unless the file's metadata carries `gemma2_config` (tiny test files do)."""
+    f, meta = open_safetensors(path)
+    keys = set(f.keys())
+    prefix = find_prefix(keys, GEMMA_PREFIXES, "layers.0.post_feedforward_layernorm.weight", path, "the Gemma-2 text encoder (gemma_2_2b_fp16.safetensors)")
+    config = gemma_config(**json.loads(meta.get("gemma2_config", "{}")))
+    if tokenizer is not None:
+        tok_path = os.path.join(tokenizer, "tokenizer.model") if os.path.isdir(tokenizer) else tokenizer
+        with open(tok_path, "rb") as fh:
+            proto = fh.read()
+    else:
+        spiece = next((k for k in SPIECE_KEYS if k in keys), None)
+        if spiece is None:
+            raise ValueError(f"{path} holds no `spiece_model` tokenizer tensor; pass tokenizer=<folder with tokenizer.model>")
+        proto = f.get_tensor(spiece).numpy().tobytes()
+    with torch.device("meta"):
+        te = TextEncoder(config, proto, max_length)
+    expected = gemma_file_keys(config)
+    names = {k[len(prefix):] for k in keys if k.startswith(prefix) and "spiece_model" not in k}
+    if names != set(expected):
+        raise ValueError(f"{path} is not a Gemma-2 file of the expected config: missing {sorted(set(expected) - names)[:5]}, "
+                         f"unexpected {sorted(names - set(expected))[:5]}")
+    last = config.num_hidden_layers - 1
+    load_weights(te.model, f, prefix, dtype, device, path, skip=[*SPIECE_KEYS, *(k for k in expected if k.startswith(f"layers.{last}.") or k == "norm.weight")])
+    # non-persistent buffers are not in the file: rebuild them off the meta device
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RotaryEmbedding
+    te.model.rotary_emb = Gemma2RotaryEmbedding(te.model.config).to(device)
+    te.model.embed_tokens.embed_scale = torch.tensor(config.hidden_size ** 0.5, device=device)
+    return te.eval().requires_grad_(False)
