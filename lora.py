@@ -1,0 +1,393 @@
+"""
+LoRA for the Lumina 2 Next-DiT: a wrapper Linear, injection with per-component ranks, merging, and the
+three file layouts users bring (kohya/sd-scripts, ComfyUI/diffusion-pipe, diffusers/PEFT).
+
+References (read, not copied): the LoRA paper (Hu et al. 2021); kohya-ss/sd-scripts networks/lora_lumina.py
+(the `lora_unet_*` layout, targets, per-component ranks, dropout semantics); diffusers
+loaders/lora_conversion_utils.py and single_file_utils.py (the diffusers module names); minLoRA.
+
+A LoRA on a Linear W (out, in) is down (r, in), up (out, r), alpha: dW = up @ down * alpha / r * multiplier.
+
+    python -c "import lumina2, lora; m = lumina2.load_dit('lumina_2_model_bf16.safetensors'); print(lora.apply_lora_files(m, ['style.safetensors;0.8']))"
+
+Training: lora.inject(model, rank=16); AdamW(lora.lora_parameters(model)); lora.save_lora(model, "my.safetensors").
+After inject the model's state_dict keeps every base key and gains `<path>.lora_down/lora_up.weight`.
+"""
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lumina2
+
+# -----------------------------------------------------------------------------
+# the module
+
+
+class LoRALinear(nn.Module):
+    """Stands in for an nn.Linear: `weight` and `bias` are the base module's own Parameters, so the
+    model's base state_dict keys (`layers.0.attention.qkv.weight`) do not change; the low-rank pair is
+    kept in fp32 (the optimizer's master copy) and cast to the activation dtype in forward."""
+
+    def __init__(self, base, rank, alpha=None, dropout=0.0, rank_dropout=0.0, module_dropout=0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_parameter("weight", base.weight)
+        self.register_parameter("bias", base.bias)
+        self.rank, self.alpha, self.multiplier = rank, float(alpha or rank), 1.0
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        dev = base.weight.device  # "meta" works too: the names test builds the 2B model there
+        self.lora_down = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=torch.float32)
+        self.lora_up = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)  # dW = 0 at step 0: training starts from the base model
+        self.merged, self.merged_scale = False, 0.0
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank * self.multiplier
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged or self.multiplier == 0:
+            return y
+        if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
+            return y  # module dropout: this step skips the whole LoRA
+        h = F.linear(x, self.lora_down.weight.to(x.dtype))  # (..., r)
+        scale = self.scale
+        if self.training and self.dropout > 0:
+            h = F.dropout(h, self.dropout)
+        if self.training and self.rank_dropout > 0:
+            # per sample, drop whole rank channels and rescale so the expected update is unchanged
+            keep = torch.rand(h.shape[0], *[1] * (h.dim() - 2), self.rank, device=h.device) >= self.rank_dropout
+            h = h * keep.to(h.dtype)
+            scale = scale / (1 - self.rank_dropout)
+        return y + F.linear(h, self.lora_up.weight.to(h.dtype)) * scale
+
+    def delta_weight(self):
+        """up @ down * scale, (out, in) fp32."""
+        return self.lora_up.weight.float() @ self.lora_down.weight.float() * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold dW into the (shared) base weight; forward then skips the LoRA path."""
+        if not self.merged:
+            add_delta(self.weight, self.lora_down.weight, self.lora_up.weight, self.scale)
+            self.merged, self.merged_scale = True, self.scale
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Subtract what merge added (with the scale of that moment). Exact up to one rounding in fp32;
+        in bf16 the merge rounding does not come back."""
+        if self.merged:
+            add_delta(self.weight, self.lora_down.weight, self.lora_up.weight, -self.merged_scale)
+            self.merged = False
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}, multiplier={self.multiplier}"
+
+
+@torch.no_grad()
+def add_delta(weight, down, up, scale):
+    """weight (out, in) += up (out, r) @ down (r, in) * scale, formed in fp32 on the weight's device and
+    rounded once to the weight dtype (as sd-scripts merges)."""
+    dw = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32) * scale
+    weight.copy_((weight.float() + dw).to(weight.dtype))
+
+
+# -----------------------------------------------------------------------------
+# which Linears get a LoRA, at which rank
+
+BLOCKS = ("layers.", "noise_refiner.", "context_refiner.", "final_layer.")  # the default targets (SPEC §7)
+TRAIN_BLOCKS = {"all": BLOCKS, "transformer": ("layers.",), "refiners": ("noise_refiner.", "context_refiner."),
+                "noise_refiner": ("noise_refiner.",), "context_refiner": ("context_refiner.",)}
+EMBEDDERS = ("x_embedder", "t_embedder.", "cap_embedder.")  # index into embedder_dims [x, t, cap]
+
+
+def linear_paths(model):
+    """path -> module for every Linear a LoRA can sit on (a LoRALinear counts, its own pair does not)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, LoRALinear)) and not name.endswith((".lora_down", ".lora_up"))}
+
+
+def rank_for(path, rank, attn_dim, mlp_dim, mod_dim, refiner_dim, embedder_dims, blocks):
+    """The rank a module gets; 0 = no LoRA. Like sd-scripts, the first given option that names the module
+    wins, in the order attention, mlp, modulation, refiner. Deviations: mlp_dim reaches the main layers'
+    `feed_forward` (in sd-scripts it never matches it), and the t_embedder takes only embedder_dims."""
+    for i, prefix in enumerate(EMBEDDERS):
+        if path.startswith(prefix):
+            return 0 if embedder_dims is None else int(embedder_dims[i])
+    if not path.startswith(blocks):
+        return 0
+    refiner = path.startswith(("noise_refiner.", "context_refiner."))
+    for dim, applies in ((attn_dim, ".attention." in path),
+                         (mlp_dim, path.startswith("layers.") and ".feed_forward." in path),
+                         (mod_dim, "adaLN_modulation" in path),
+                         (refiner_dim, refiner)):
+        if dim is not None and applies:
+            return int(dim)
+    return rank
+
+
+def wrap(model, path, rank, alpha, **dropouts):
+    """Swap the Linear at `path` for a LoRALinear around it; returns the LoRALinear."""
+    parent, _, child = path.rpartition(".")
+    owner = model.get_submodule(parent)
+    lora = LoRALinear(getattr(owner, child), rank, alpha, **dropouts)
+    setattr(owner, child, lora)
+    return lora
+
+
+def inject(model, rank=8, alpha=None, attn_dim=None, mlp_dim=None, mod_dim=None, refiner_dim=None,
+           embedder_dims=None, train_blocks="all", dropout=0.0, rank_dropout=0.0, module_dropout=0.0):
+    """Freeze every base parameter and wrap the target Linears. Targets: every Linear in layers.*,
+    noise_refiner.*, context_refiner.*, final_layer.* (180 on the 2B), narrowed by train_blocks (sd-scripts'
+    names); embedders only with embedder_dims=[x, t, cap]. A per-component dim of None means `rank`, 0 skips.
+    alpha=None gives every module alpha = its own rank (scale 1); a number is shared, as in sd-scripts.
+    Returns {path: LoRALinear}."""
+    if train_blocks not in TRAIN_BLOCKS:
+        raise ValueError(f"train_blocks must be one of {sorted(TRAIN_BLOCKS)}, got {train_blocks!r}")
+    if embedder_dims is not None and len(embedder_dims) != 3:
+        raise ValueError(f"embedder_dims takes three ranks [x, t, cap], got {embedder_dims!r}")
+    model.requires_grad_(False)
+    out = {}
+    for path, module in linear_paths(model).items():
+        r = rank_for(path, rank, attn_dim, mlp_dim, mod_dim, refiner_dim, embedder_dims, TRAIN_BLOCKS[train_blocks])
+        if r <= 0:
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{path} already has a LoRA")
+        out[path] = wrap(model, path, r, alpha, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
+    return out
+
+
+def lora_modules(model):
+    """{path: LoRALinear}, in module order (the order of lora_parameters and of the saved file)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model):
+    """The trainable tensors: every lora_down and lora_up weight (fp32)."""
+    return [p for m in lora_modules(model).values() for p in (m.lora_down.weight, m.lora_up.weight)]
+
+
+def merge(model):
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge(model):
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+# -----------------------------------------------------------------------------
+# saving
+
+
+def lora_state_dict(model, layout="kohya"):
+    """kohya: lora_unet_<path, '.' -> '_'>.lora_down.weight (r, in) / .lora_up.weight (out, r) / .alpha ();
+    diffusion_model: diffusion_model.<path>.lora_A.weight / .lora_B.weight / .alpha (ComfyUI, diffusion-pipe)."""
+    if layout not in ("kohya", "diffusion_model"):
+        raise ValueError(f"layout must be 'kohya' or 'diffusion_model', got {layout!r}")
+    sd = {}
+    for path, m in lora_modules(model).items():
+        if layout == "kohya":
+            name, down, up = "lora_unet_" + path.replace(".", "_"), "lora_down", "lora_up"
+        else:
+            name, down, up = "diffusion_model." + path, "lora_A", "lora_B"
+        sd[f"{name}.{down}.weight"] = m.lora_down.weight.detach()
+        sd[f"{name}.{up}.weight"] = m.lora_up.weight.detach()
+        sd[f"{name}.alpha"] = torch.tensor(m.alpha)
+    if not sd:
+        raise ValueError("the model has no LoRA modules (call lora.inject first)")
+    return sd
+
+
+def save_lora(model, path, layout="kohya", metadata=None, dtype=torch.bfloat16):
+    """Write the LoRA as safetensors, atomically. Weights are cast to dtype; alpha stays fp32 so that an
+    alpha like 0.3 is not silently rounded. `metadata` (training settings) is added as strings."""
+    from safetensors.torch import save_file
+    sd = {k: v.to("cpu", torch.float32 if k.endswith(".alpha") else dtype).contiguous()
+          for k, v in lora_state_dict(model, layout).items()}
+    modules = lora_modules(model).values()
+    meta = {"ss_network_module": "networks.lora_lumina",  # the sd-scripts layout, so its tools take the file
+            "ss_network_dim": str(Counter(m.rank for m in modules).most_common(1)[0][0]),
+            "ss_network_alpha": str(Counter(m.alpha for m in modules).most_common(1)[0][0]),
+            "ss_base_model_version": "lumina2", "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": "lumina-2/lora"}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lora-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=meta)
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated LoRA under the real name
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# reading the three layouts
+
+SUFFIXES = {".lora_down.weight": "down", ".lora_A.weight": "down", ".lora_up.weight": "up", ".lora_B.weight": "up",
+            ".alpha": "alpha"}
+# diffusers Lumina2Transformer2DModel name fragment -> ours, applied in order (q/k/v are handled apart)
+DIFFUSERS_NAMES = [("time_caption_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+                   ("time_caption_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+                   ("time_caption_embed.caption_embedder.", "cap_embedder."),
+                   ("norm_out.linear_1", "final_layer.adaLN_modulation.1"), ("norm_out.linear_2", "final_layer.linear"),
+                   (".attn.to_out.0", ".attention.out"), (".feed_forward.linear_", ".feed_forward.w"),
+                   (".norm1.linear", ".adaLN_modulation.1")]
+
+
+def module_for(stem, kohya_names):
+    """A key stem -> (our module path, part), part 'q'/'k'/'v' for diffusers' split attention, else None."""
+    if stem.startswith("lora_unet_"):
+        # underscores are ambiguous (adaLN_modulation, feed_forward), so match against the model's names
+        return kohya_names.get(stem), None
+    if stem.startswith("diffusion_model."):
+        return stem[len("diffusion_model."):], None
+    if stem.startswith("transformer."):
+        path = stem[len("transformer."):]
+        qkv = re.fullmatch(r"(.+)\.attn\.to_([qkv])", path)
+        if qkv:
+            return qkv[1] + ".attention.qkv", qkv[2]
+        for theirs, ours in DIFFUSERS_NAMES:
+            path = path.replace(theirs, ours)
+        return path, None
+    return None, None
+
+
+def peft_alpha(metadata):
+    """diffusers writes PEFT's LoraConfig into the metadata; -> rank -> alpha (None when absent: alpha = rank)."""
+    cfg = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    if cfg.get("transformer.alpha_pattern") or cfg.get("transformer.use_dora"):
+        raise ValueError("PEFT alpha_pattern / DoRA LoRAs are not supported")
+    alpha = cfg.get("transformer.lora_alpha")
+    if alpha is None:
+        return None
+    return lambda r: alpha * math.sqrt(r) if cfg.get("transformer.use_rslora") else alpha
+
+
+def fuse_qkv(parts, sizes, path):
+    """diffusers' separate to_q/to_k/to_v LoRAs -> one LoRA on our fused qkv (rows q | k | v). Shared down
+    (what diffusers makes of a fused LoRA) stays rank r with up = cat(B_q, B_k, B_v); otherwise the exact
+    form is rank r_q + r_k + r_v: down = cat(A_q, A_k, A_v), up = blockdiag(B_q s_q, B_k s_k, B_v s_v),
+    alpha = that rank, each part's alpha / r folded into its block. A missing part contributes zero rows."""
+    got = [parts.get(p) for p in "qkv"]
+    for p, part, n in zip("qkv", got, sizes):
+        if part is not None and part[1].shape[0] != n:
+            raise ValueError(f"{path} ({p}): lora_B has {part[1].shape[0]} rows, this model's {p} has {n}")
+    first = got[0]
+    if all(g is not None and torch.equal(g[0], first[0]) and g[2] == first[2] for g in got):
+        return first[0], torch.cat([g[1] for g in got]), first[2]
+    down = torch.cat([g[0] for g in got if g is not None])
+    ups = [g[1] * (g[2] / g[0].shape[0]) if g is not None else torch.zeros(n, 0) for g, n in zip(got, sizes)]
+    return down, torch.block_diag(*ups), float(down.shape[0])
+
+
+def parse_lora(sd, model, metadata=None, source="the LoRA"):
+    """{key: tensor} in any of the three layouts -> {module path: (down (r, in), up (out, r), alpha)} fp32.
+    Strict: a key that names no Linear of `model` is an error (a LoRA that silently loads half is worse)."""
+    if not any(k.endswith(tuple(SUFFIXES)) for k in sd):
+        raise ValueError(f"{source} is not a LoRA file (no lora_down/lora_up/lora_A/lora_B tensors): "
+                         f"it looks like {lumina2.describe(sd.keys())}")
+    linears = linear_paths(model)
+    kohya_names = {"lora_unet_" + p.replace(".", "_"): p for p in linears}
+    default_alpha = peft_alpha(metadata or {})
+    found, unknown = {}, []
+    for key, t in sd.items():
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        path, part = module_for(key[: -len(suffix)], kohya_names) if suffix else (None, None)
+        if path not in linears:
+            unknown.append(key)
+            continue
+        found.setdefault((path, part), {})[SUFFIXES[suffix]] = t.float()
+    if unknown:
+        hint = " (text-encoder LoRAs, lora_te_*, are not supported)" if any(k.startswith("lora_te") for k in unknown) else ""
+        raise ValueError(f"{source}: {len(unknown)} keys name no Linear of this model{hint}: {sorted(unknown)[:8]}")
+    pieces = {}
+    for (path, part), t in found.items():
+        if "down" not in t or "up" not in t:
+            raise ValueError(f"{source}: {path}{'.' + part if part else ''} has {sorted(t)} but needs both down and up")
+        down, up = t["down"], t["up"]
+        r = down.shape[0]
+        if up.shape[1] != r or down.shape[1] != linears[path].in_features:
+            raise ValueError(f"{source}: {path} down {tuple(down.shape)} / up {tuple(up.shape)} do not fit "
+                             f"a Linear of {linears[path].in_features} -> {linears[path].out_features}")
+        alpha = t["alpha"].item() if "alpha" in t else (default_alpha(r) if default_alpha else float(r))
+        pieces.setdefault(path, {})[part] = (down, up, alpha)
+    out = {}
+    for path, parts in pieces.items():
+        if None in parts and len(parts) > 1:
+            raise ValueError(f"{source}: {path} appears both fused and as split q/k/v")
+        if None in parts:
+            out[path] = parts[None]
+        else:
+            attn = model.get_submodule(path.rpartition(".")[0])
+            hq, hkv = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
+            out[path] = fuse_qkv(parts, (hq, hkv, hkv), path)
+        if out[path][1].shape[0] != linears[path].out_features:
+            raise ValueError(f"{source}: {path} up has {out[path][1].shape[0]} rows, the model has {linears[path].out_features}")
+    return out
+
+
+def read_lora(path, model):
+    """A LoRA file -> {module path: (down (r, in) fp32, up (out, r) fp32, alpha float)}. `model` supplies the
+    valid module names (kohya names are matched against them) and the q/k/v split sizes."""
+    f, meta = lumina2.open_safetensors(path)
+    return parse_lora({k: f.get_tensor(k) for k in f.keys()}, model, meta, source=path)
+
+
+# -----------------------------------------------------------------------------
+# applying files
+
+
+def load_lora(model, path, multiplier=1.0, merge=True):
+    """Apply one LoRA file. merge=True bakes multiplier * dW into the base weights (fp32 sum, one rounding)
+    and leaves plain Linears: no extra compute, but no way back except reloading the base. merge=False
+    wraps each module in a LoRALinear with the file's rank and alpha (multiplier stays settable).
+    Returns the number of modules."""
+    lora_weights = read_lora(path, model)
+    for name, (down, up, alpha) in lora_weights.items():
+        module = model.get_submodule(name)
+        if merge:
+            add_delta(module.weight, down, up, alpha / down.shape[0] * multiplier)
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} already has a LoRA; load several files with merge=True")
+        m = wrap(model, name, down.shape[0], alpha)
+        with torch.no_grad():
+            m.lora_down.weight.copy_(down)
+            m.lora_up.weight.copy_(up)
+        m.multiplier = multiplier
+        m.requires_grad_(False)
+    return len(lora_weights)
+
+
+def apply_lora_files(model, specs, merge=True):
+    """specs: "path" or "path;multiplier" strings (sd-scripts' --lora_weights syntax). With merge=True the
+    files add up on shared modules; unmerged, only one file is allowed. Returns [(path, multiplier)]."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not merge and len(specs) > 1:
+        raise ValueError(f"{len(specs)} LoRA files: stacking them needs merge=True")
+    applied = []
+    for spec in specs:
+        path, sep, mult = spec.rpartition(";")
+        if not sep:
+            path, mult = spec, "1.0"
+        try:
+            multiplier = float(mult)
+        except ValueError:
+            raise ValueError(f"LoRA spec {spec!r}: expected 'path' or 'path;multiplier'") from None
+        load_lora(model, path, multiplier, merge)
+        applied.append((path, multiplier))
+    return applied
