@@ -1,0 +1,308 @@
+"""
+Sample images from Lumina Image 2.0: Gemma-2 captions -> Next-DiT flow ODE (Euler or midpoint, shifted
+sigma grid, CFG with the official t-threshold truncation and norm cap) -> FLUX AE -> PNGs whose text
+chunk records every setting. train.py imports sample(), decode_to_images() and save_png() from here.
+
+References (read, not copied): Alpha-VLLM/Lumina-Image-2.0 sample.py and NextDiT.forward_with_cfg (the
+sampling rules), diffusers Lumina2Pipeline + FlowMatchEulerDiscreteScheduler (checked in test_sample.py),
+nanoGPT sample.py (the shape of this script), kohya-ss/sd-scripts (per-line prompt-file options).
+
+    python sample.py config/sample_demo.py                       # tiny random weights, CPU, seconds
+    python sample.py --prompt='"a red fox in the snow"' --seeds=[1,2,3] \\
+        --dit_path=models/lumina_2_model_bf16.safetensors --gemma_path=models/gemma_2_2b_fp16.safetensors \\
+        --ae_path=models/ae.safetensors --offload=model
+    python sample.py --prompt_file=prompts.txt --grid=True       # lines like: a cat --w 768 --h 1280 --d 7 --l 5 --n blurry
+"""
+import json
+import math
+import os
+import re
+import resource
+import time
+import warnings
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
+
+import lumina2
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+prompt = "a red fox sitting in fresh snow, golden hour"  # used when prompt_file is empty
+prompt_file = ""  # one prompt per line ('#' comments); per-line options --w --h --s --d --l --n as in sd-scripts
+negative_prompt = ""  # the unconditional caption of CFG
+system_prompt = lumina2.SYSTEM_PROMPTS["base"]  # "" = the bare caption
+negative_system_prompt = ""  # negatives get no system prompt unless asked (SPEC §3)
+width = 1024  # pixels, a multiple of 16
+height = 1024
+steps = 30  # sigma intervals; midpoint evaluates the model twice per interval
+cfg = 4.0  # guidance scale w: v = v_u + w (v_c - v_u); 1.0 = no unconditional pass
+cfg_trunc = 1.0  # CFG only while t = 1 - sigma < cfg_trunc (official rule); 1.0 = always on
+renorm = 1.0  # cap ||v|| at renorm * ||v_c|| per sample (official renorm_cfg); 0 = off
+solver = "euler"  # "euler" | "midpoint"
+shift = 6.0  # static time shift of the sigma grid
+seeds = [0]  # one image per seed and prompt; a config file may say list(range(8))
+batch_size = 1  # images per DiT batch (a batch holds one prompt); the result does not depend on it
+dtype = "bfloat16"  # weights: "bfloat16" | "float16" | "float32"; x, sigma and CFG math stay fp32
+attention = "sdpa"  # "sdpa" | "flash" | "math" (sets lumina2.ATTENTION)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+offload = "none"  # "none": all on device; "model": models wait in CPU RAM, each on the device only while used
+dit_path = "models/lumina_2_model_bf16.safetensors"
+gemma_path = "models/gemma_2_2b_fp16.safetensors"
+ae_path = "models/ae.safetensors"
+demo = False  # True: write (once) and use tiny random weights in out/demo/weights instead of the three paths
+lora_weights = []  # ["path.safetensors;0.8", ...], merged into the DiT before sampling
+out_dir = "out/samples"
+grid = False  # also save one contact sheet of all images
+max_length = 256  # caption token limit (longer captions are truncated with a warning)
+# -----------------------------------------------------------------------------
+
+DEMO_DIR = "out/demo/weights"
+LINE_OPTIONS = {"w": ("width", int), "h": ("height", int), "s": ("steps", int), "l": ("cfg", float),
+                "n": ("negative_prompt", str), "d": ("seeds", lambda s: [int(x) for x in s.split(",")])}
+
+
+def sigma_schedule(steps, shift=6.0):
+    """-> (steps + 1,) fp32 sigmas from 1 to 0: S_shift(linspace(1, 0, steps + 1)), S_k(u) = k u / (1 + (k - 1) u).
+    Equals diffusers' FlowMatchEulerDiscreteScheduler(shift) grid and the official shifted t grid (as 1 - t)."""
+    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).float()
+
+
+def seeded_noise(seeds, height, width, channels=16):
+    """-> (len(seeds), 16, H/8, W/8) fp32 on the CPU, one CPU generator per seed, so an image depends on its
+    seed alone, not on the batch it lands in or the device."""
+    return torch.cat([torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(s))
+                      for s in seeds])
+
+
+def stack_captions(a, b):
+    """Two captions (feats (B, La, D), mask (B, La)) -> one batch (2B, max(La, Lb), ...), right-padded
+    with zeros / False; the DiT is invariant to right padding."""
+    L = max(a[0].shape[1], b[0].shape[1])
+    feats = torch.cat([F.pad(f, (0, 0, 0, L - f.shape[1])) for f in (a[0], b[0])])
+    mask = torch.cat([F.pad(m.bool(), (0, L - m.shape[1]), value=False) for m in (a[1], b[1])])
+    return feats, mask
+
+
+@torch.no_grad()
+def cfg_velocity(model, x, sigma, cond, uncond, cfg=4.0, cfg_trunc=1.0, renorm=1.0):
+    """x (B, 16, h, w) fp32 at noise level sigma (a float or 0-dim tensor); cond/uncond = (feats (B, L, D), mask (B, L)),
+    uncond None for no CFG -> guided velocity (B, 16, h, w) fp32. cond and uncond run as one batch of 2B."""
+    t = 1 - torch.as_tensor(sigma, dtype=torch.float32)  # Lumina time: 0 = noise, 1 = clean
+    guided = uncond is not None and cfg != 1.0 and float(t) < cfg_trunc
+    t = t.to(x.device).expand(x.shape[0])
+    if not guided:  # no CFG, or truncated (the late, nearly clean steps): no unconditional pass at all
+        return model(x, t, *cond)
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), *stack_captions(cond, uncond)).chunk(2)
+    v = v_u + cfg * (v_c - v_u)
+    if renorm > 0:  # norms over each whole sample (C, H, W); this only ever scales down
+        cap = renorm * torch.linalg.vector_norm(v_c, dim=(1, 2, 3), keepdim=True)
+        norm = torch.linalg.vector_norm(v, dim=(1, 2, 3), keepdim=True)
+        v = torch.where(norm > cap, v * (cap / norm), v)
+    return v
+
+
+@torch.no_grad()
+def sample(model, noise, cond, uncond=None, steps=30, cfg=4.0, cfg_trunc=1.0, renorm=1.0, solver="euler", shift=6.0, progress=True):
+    """Integrate the flow ODE from sigma = 1 (noise (B, 16, h, w)) to 0 -> latents (B, 16, h, w) fp32.
+    cond/uncond: (feats (1 or B, L, D), mask (1 or B, L)); a batch of 1 is shared by all B samples."""
+    if solver not in ("euler", "midpoint"):
+        raise ValueError(f"solver must be 'euler' or 'midpoint', got {solver!r}")
+    B = noise.shape[0]
+    widen = lambda c: None if c is None else tuple(z.expand(B, *z.shape[1:]) for z in c)
+    cond, uncond = widen(cond), widen(uncond)
+    velocity = lambda x, s: cfg_velocity(model, x, s, cond, uncond, cfg, cfg_trunc, renorm)
+    sigmas = sigma_schedule(steps, shift)  # stays on the CPU: 0-dim scalars, no device syncs
+    x = noise.float()
+    for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
+        s0, s1 = sigmas[i], sigmas[i + 1]
+        if solver == "euler":
+            v = velocity(x, s0)
+        else:  # midpoint: half an Euler step, then the full step with the velocity found there
+            s_mid = (s0 + s1) / 2
+            v = velocity(x + (s0 - s_mid) * velocity(x, s0), s_mid)
+        x = x + (s0 - s1) * v  # x_sigma = (1 - sigma) x0 + sigma noise and v = x0 - noise
+    return x
+
+
+@torch.no_grad()
+def decode_to_images(ae, latents):
+    """latents (B, 16, h, w) -> B RGB PIL images of (8h, 8w). ae.decode undoes the latent scaling, once."""
+    x = ae.decode(latents.to(ae.decoder.conv_in.weight.device))  # (B, 3, H, W) in [-1, 1]
+    x = (x / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def save_png(img, path, info):
+    """Write img with a tEXt chunk "parameters" = JSON of info, through a temp file + rename."""
+    meta = PngInfo()
+    meta.add_text("parameters", json.dumps(info))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    img.save(path + ".tmp", format="PNG", pnginfo=meta)
+    os.replace(path + ".tmp", path)
+
+
+def save_grid(images, path, info=None):
+    """A near-square contact sheet; every cell has the size of the largest image, top-left aligned."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = max(im.width for im in images), max(im.height for im in images)
+    sheet = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    save_png(sheet, path, info or {})
+
+
+def place_dit(model, device):
+    """Put the DiT where denoising runs. This is the one seam for block swap: a swap scheme replaces this
+    function with one that keeps most layers in CPU RAM and streams them to the device per forward."""
+    return model.to(device)
+
+
+def next_free_path(out_dir, name):
+    """out_dir/NNNNN-name.png with NNNNN one above every existing index, so reruns never overwrite."""
+    taken = [int(f[:5]) for f in os.listdir(out_dir) if re.match(r"\d{5}-.*\.png$", f)] if os.path.isdir(out_dir) else []
+    return os.path.join(out_dir, f"{max(taken, default=-1) + 1:05d}-{name}.png")
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+
+def parse_prompt_line(line, defaults, where):
+    """'a cat --w 768 --d 1,2 --n blurry' -> a job dict: defaults overridden by the line's options."""
+    text, *opts = re.split(r"(?:^|\s+)--([a-z]+)(?:\s+|$)", line)
+    job = dict(defaults, prompt=text.strip())
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key not in LINE_OPTIONS:
+            raise SystemExit(f"{where}: unknown option --{key}; known: {' '.join('--' + k for k in LINE_OPTIONS)}")
+        name, cast = LINE_OPTIONS[key]
+        try:
+            job[name] = cast(value.strip())
+        except ValueError:
+            raise SystemExit(f"{where}: bad value {value!r} for --{key}") from None
+    return job
+
+
+def read_jobs(c):
+    """The config -> list of jobs {prompt, negative_prompt, width, height, steps, cfg, seeds}, checked."""
+    defaults = dict(negative_prompt=c.negative_prompt, width=c.width, height=c.height, steps=c.steps, cfg=c.cfg, seeds=c.seeds)
+    if not c.prompt_file:
+        jobs = [dict(defaults, prompt=c.prompt)]
+    else:
+        if not os.path.isfile(c.prompt_file):
+            raise SystemExit(f"prompt file not found: {c.prompt_file}")
+        with open(c.prompt_file, encoding="utf-8") as fh:
+            lines = [(n, s.strip()) for n, s in enumerate(fh, 1) if s.strip() and not s.lstrip().startswith("#")]
+        if not lines:
+            raise SystemExit(f"prompt file {c.prompt_file} holds no prompts (blank lines and # comments are skipped)")
+        jobs = [parse_prompt_line(s, defaults, f"{c.prompt_file}:{n}") for n, s in lines]
+    for job in jobs:
+        if job["width"] % 16 or job["height"] % 16 or min(job["width"], job["height"]) <= 0:
+            raise SystemExit(f"width and height must be positive multiples of 16, got {job['width']}x{job['height']} "
+                             f"for prompt {job['prompt'][:60]!r}")
+        if job["steps"] < 1 or not job["seeds"]:
+            raise SystemExit(f"need steps >= 1 and at least one seed, got steps={job['steps']} seeds={job['seeds']}")
+    return jobs
+
+
+def encode_caption(te, caption, system, device):
+    """One caption -> (feats (1, L, D), mask (1, L)) on device. The tokenizer's truncation warning is re-raised
+    naming the caption itself (its own message starts with the system prompt, identical for every caption)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        feats, mask = te([caption], system)
+    for w in caught:
+        warnings.warn(f"{w.message} -- caption {caption[:80]!r} is longer than max_length={te.max_length} tokens "
+                      f"with its system prompt; the rest is ignored", w.category, stacklevel=2)
+    return feats.to(device), mask.to(device)
+
+
+def load_models(c, dtype, home):
+    """-> (te, dit, ae) on `home`, LoRAs merged into the DiT. File problems end the run with the loader's message."""
+    missing = [p for p in (c.dit_path, c.gemma_path, c.ae_path) if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"weight file not found: {', '.join(missing)} (set dit_path / gemma_path / ae_path, "
+                         f"or try `python sample.py config/sample_demo.py` with tiny demo weights)")
+    try:
+        te = lumina2.load_text_encoder(c.gemma_path, dtype, home, max_length=c.max_length)
+        dit = lumina2.load_dit(c.dit_path, dtype, home)
+        ae = lumina2.load_ae(c.ae_path, dtype, home)
+        if c.lora_weights:
+            import lora  # only LoRA runs need it
+            lora.apply_lora_files(dit, c.lora_weights, merge=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cannot load weights: {e}") from None
+    return te, dit, ae
+
+
+def main(argv=None):
+    """Run the script with `argv` (default sys.argv[1:]) -> the written PNG paths. The module constants stay
+    untouched, so tests and train.py can call this repeatedly."""
+    c = SimpleNamespace(**configure(dict(globals()), argv))
+    start = time.time()
+    if c.solver not in ("euler", "midpoint") or c.offload not in ("none", "model") or c.batch_size < 1 \
+            or c.dtype not in ("bfloat16", "float16", "float32"):
+        raise SystemExit(f"solver must be euler|midpoint, offload none|model, batch_size >= 1, dtype bfloat16|float16|float32; "
+                         f"got {c.solver!r}, {c.offload!r}, {c.batch_size}, {c.dtype!r}")
+    jobs = read_jobs(c)
+    if c.demo:
+        import data
+        c.dit_path, c.gemma_path, c.ae_path = (data.make_demo_weights(DEMO_DIR)[k] for k in ("dit", "gemma", "ae"))
+    lumina2.ATTENTION = c.attention
+    if c.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    te, dit, ae = load_models(c, getattr(torch, c.dtype), "cpu" if c.offload == "model" else c.device)
+
+    # 1. captions: Gemma runs once per distinct text, then is freed (it is never needed again)
+    te = te.to(c.device)
+    texts = {(j["prompt"], c.system_prompt) for j in jobs} | {(j["negative_prompt"], c.negative_system_prompt) for j in jobs if j["cfg"] != 1.0}
+    captions = {key: encode_caption(te, *key, c.device) for key in sorted(texts)}
+    del te
+
+    # 2. denoise: each batch is a slice of one job's seeds; latents wait on the CPU
+    dit = place_dit(dit, c.device)
+    batches = []
+    for job in jobs:
+        uncond = captions[(job["negative_prompt"], c.negative_system_prompt)] if job["cfg"] != 1.0 else None
+        for i in range(0, len(job["seeds"]), c.batch_size):
+            chunk = job["seeds"][i:i + c.batch_size]
+            noise = seeded_noise(chunk, job["height"], job["width"]).to(c.device)
+            latents = sample(dit, noise, captions[(job["prompt"], c.system_prompt)], uncond, job["steps"], job["cfg"],
+                             c.cfg_trunc, c.renorm, c.solver, c.shift)
+            batches.append((job, chunk, latents.cpu()))
+    del dit
+
+    # 3. decode and save, one PNG per seed with every setting in its text chunk
+    ae = ae.to(c.device)
+    paths, images = [], []
+    files = dict(dit=os.path.basename(c.dit_path), gemma=os.path.basename(c.gemma_path), ae=os.path.basename(c.ae_path))
+    for job, chunk, latents in batches:
+        for seed, img in zip(chunk, decode_to_images(ae, latents)):
+            info = dict(job, seed=seed, system_prompt=c.system_prompt, negative_system_prompt=c.negative_system_prompt,
+                        cfg_trunc=c.cfg_trunc, renorm=c.renorm, solver=c.solver, shift=c.shift, dtype=c.dtype,
+                        **files, lora_weights=c.lora_weights)
+            del info["seeds"]
+            paths.append(next_free_path(c.out_dir, str(seed)))
+            save_png(img, paths[-1], info)
+            images.append(img)
+    if c.grid and images:
+        paths.append(next_free_path(c.out_dir, "grid"))
+        save_grid(images, paths[-1], dict(images=[os.path.basename(p) for p in paths[:-1]]))
+
+    if c.device.startswith("cuda"):
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB CUDA allocated"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS"
+    print("\n".join(paths))
+    print(f"{len(images)} images in {time.time() - start:.1f} s, peak memory {peak}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
