@@ -1,0 +1,351 @@
+"""
+Tests for data.py: buckets, folder scanning, the latent and caption caches (reuse, invalidation, equality
+with a direct encode), caption dropout with cached features, and the deterministic, resumable batches.
+CPU only, offline, tiny random models from data.make_demo_weights.
+
+    python -m pytest -q test_data.py
+"""
+import gc
+import math
+import os
+import weakref
+
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+import data
+import lumina2
+
+SYS = lumina2.SYSTEM_PROMPTS["base"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return data.make_demo_weights(str(tmp_path_factory.mktemp("weights")))
+
+
+@pytest.fixture
+def ae(weights):
+    return lumina2.load_ae(weights["ae"], dtype=torch.float32)
+
+
+@pytest.fixture
+def te(weights):
+    return lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
+
+
+@pytest.fixture
+def demo(tmp_path):
+    return data.make_demo_dataset(str(tmp_path / "images"), n=6)
+
+
+def count_calls(monkeypatch, obj, name):
+    """Wrap obj.name so that calls[0] counts the batch rows it was given."""
+    calls, inner = [0], getattr(obj, name)
+
+    def wrapped(x, *args, **kwargs):
+        calls[0] += len(x)
+        return inner(x, *args, **kwargs)
+    monkeypatch.setattr(obj, name, wrapped)
+    return calls
+
+# -----------------------------------------------------------------------------
+# buckets and pixels
+
+
+def test_bucket_sizes_official_rule():
+    sizes = data.bucket_sizes(1024)
+    # the official walk (generate_crop_size_list(4096, 16, 4.0)) visits 193 sizes, not the 51 the spec quotes
+    assert len(sizes) == len(set(sizes)) == 193
+    assert (1024, 1024) in sizes and sizes[0] == (2048, 512) and sizes[-1] == (512, 2048)
+    for w, h in sizes:
+        assert w % 16 == 0 and h % 16 == 0
+        assert w * h <= 1024 * 1024 and w * h >= 0.9 * 1024 * 1024
+        assert max(w, h) / min(w, h) <= 4.0
+    assert sorted((h, w) for w, h in sizes) == sorted(sizes)  # symmetric: every wide size has its tall twin
+    assert (80, 48) in data.bucket_sizes(64) and (48, 80) in data.bucket_sizes(64)
+
+
+def test_nearest_bucket():
+    sizes = data.bucket_sizes(1024)
+    assert data.nearest_bucket(1000, 1000, sizes) == (1024, 1024)
+    assert data.nearest_bucket(512, 512, sizes) == (1024, 1024)
+    assert data.nearest_bucket(10000, 100, sizes) == (2048, 512)
+    assert data.nearest_bucket(100, 10000, sizes) == (512, 2048)
+    w, h = data.nearest_bucket(1920, 1080, sizes)
+    assert abs(math.log(w / h) - math.log(16 / 9)) < 0.02
+
+
+def test_resize_cover_crop_keeps_the_centre():
+    img = Image.new("RGB", (300, 100), (255, 0, 0))  # red | green | blue thirds
+    img.paste((0, 255, 0), (100, 0, 200, 100))
+    img.paste((0, 0, 255), (200, 0, 300, 100))
+    out = data.resize_cover_crop(img, 96, 96)
+    assert out.size == (96, 96)
+    x = data.to_tensor(out)
+    assert x.shape == (3, 96, 96) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    centre = x[:, 10:-10, 10:-10]
+    assert torch.allclose(centre[1], torch.ones(1)) and torch.allclose(centre[0], -torch.ones(1))
+    wide = data.resize_cover_crop(Image.new("RGB", (50, 40)), 80, 48)  # upscale to cover, then crop
+    assert wide.size == (80, 48)
+
+
+def test_to_tensor_range():
+    x = data.to_tensor(Image.new("RGB", (4, 2), (0, 255, 128)))
+    assert x.shape == (3, 2, 4)
+    assert x[0].eq(-1).all() and x[1].eq(1).all() and abs(x[2, 0, 0].item() - (128 / 127.5 - 1)) < 1e-6
+
+def test_exif_rotation_and_transparency(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40x20, displayed rotated by 90 degrees: 20x40
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "r.jpg", exif=exif)
+    assert data.image_size(str(tmp_path / "r.jpg")) == (20, 40)
+    assert data.load_image(str(tmp_path / "r.jpg")).size == (20, 40)
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "t.png")
+    assert data.load_image(str(tmp_path / "t.png")).getpixel((3, 3)) == (255, 255, 255)
+
+# -----------------------------------------------------------------------------
+# scanning
+
+
+def test_scan_skips_corrupt_and_truncated_images(tmp_path, capsys):
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "good.png")
+    (tmp_path / "good.txt").write_text("a good image\n")
+    (tmp_path / "noise.png").write_bytes(os.urandom(2000))
+    buf = tmp_path / "full.jpg"
+    Image.effect_noise((256, 256), 64).convert("RGB").save(buf, quality=95)
+    (tmp_path / "cut.jpg").write_bytes(buf.read_bytes()[: buf.stat().st_size // 2])
+    buf.unlink()
+    png = tmp_path / "full.png"
+    Image.effect_noise((256, 256), 64).convert("RGB").save(png)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "cut.PNG").write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+    png.unlink()
+    for p in ["noise", "cut", "sub/cut"]:
+        (tmp_path / f"{p}.txt").write_text("caption")
+    items = data.scan_folder(str(tmp_path))
+    out = capsys.readouterr().out
+    assert items == [(str(tmp_path / "good.png"), "a good image")]
+    for bad in ["noise.png", "cut.jpg", os.path.join("sub", "cut.PNG")]:
+        assert str(tmp_path / bad) in out
+    assert "3 unreadable image(s) skipped" in out
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_scan_missing_caption_warns(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.JPG")
+    Image.new("RGB", (32, 32)).save(tmp_path / "b.webp")
+    (tmp_path / "b.txt").write_text("\ufeff  a webp picture \n")
+    with pytest.warns(UserWarning, match="a.txt"):
+        items = data.scan_folder(str(tmp_path))
+    assert items == [(str(tmp_path / "a.JPG"), ""), (str(tmp_path / "b.webp"), "a webp picture")]
+
+
+def test_scan_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no usable images") as e:
+        data.scan_folder(str(tmp_path))
+    assert str(tmp_path) in str(e.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        data.scan_folder(str(tmp_path / "missing"))
+
+
+def test_demo_dataset_is_deterministic(tmp_path):
+    a = data.make_demo_dataset(str(tmp_path / "a"), n=6)
+    b = data.make_demo_dataset(str(tmp_path / "b"), n=6)
+    for name in sorted(os.listdir(a)):
+        assert open(os.path.join(a, name), "rb").read() == open(os.path.join(b, name), "rb").read()
+    sizes = {Image.open(os.path.join(a, f)).size for f in os.listdir(a) if f.endswith(".png")}
+    assert sizes == {(64, 64), (80, 48), (48, 80)}
+    assert open(os.path.join(a, "shape_000.txt")).read().strip().endswith("background")
+
+# -----------------------------------------------------------------------------
+# caches
+
+
+def test_latents_equal_a_direct_encode(demo, ae):
+    ds = data.Dataset(demo, resolution=64, flip=True)
+    assert ds.cache_latents(ae) == (0, 2 * len(ds))
+    for i in [0, 1, 2]:
+        path, _ = ds.items[i]
+        x = data.to_tensor(data.resize_cover_crop(Image.open(path).convert("RGB"), *ds.buckets[i]))[None]
+        with torch.no_grad():
+            assert torch.equal(ds.latents[(i, False)], ae.encode(x)[0])
+            assert torch.equal(ds.latents[(i, True)], ae.encode(x.flip(-1))[0])
+        w, h = ds.buckets[i]
+        assert ds.latents[(i, False)].shape == (16, h // 8, w // 8)
+
+
+def test_latent_cache_reuse_and_rebuild(demo, ae, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    ds = data.Dataset(demo, resolution=64)
+    calls = count_calls(monkeypatch, ae, "encode")
+    assert ds.cache_latents(ae, cache_dir=cache, ae_id="ae-1", batch_size=4) == (0, len(ds))
+    first = {k: data.cache_get(ds.latents, k) for k in ds.latents}
+    n = calls[0]
+    assert n == len(ds)
+
+    ds = data.Dataset(demo, resolution=64)  # a fresh run: everything is reused, nothing encoded
+    assert ds.cache_latents(ae, cache_dir=cache, ae_id="ae-1") == (len(ds), 0)
+    assert calls[0] == n
+    assert all(torch.equal(first[k], data.cache_get(ds.latents, k)) for k in first)
+
+    assert ds.cache_latents(ae, cache_dir=cache, ae_id="ae-2") == (0, len(ds))  # another AE file
+    assert ds.cache_latents(ae, cache_dir=cache, ae_id="ae-1", sample=True) == (0, len(ds))  # another mode
+    assert ds.cache_latents(ae, cache_dir=cache, ae_id="ae-1", sample=True) == (len(ds), 0)
+
+    path = ds.items[0][0]  # a changed image: only that one is re-encoded
+    Image.new("RGB", Image.open(path).size, (9, 99, 199)).save(path)
+    os.utime(path, ns=(1, 1))
+    ds = data.Dataset(demo, resolution=64)
+    assert ds.cache_latents(ae, cache_dir=cache, ae_id="ae-1") == (len(ds) - 1, 1)
+    assert not torch.equal(first[(0, False)], data.cache_get(ds.latents, (0, False)))
+    os.utime(ds.items[1][0], ns=(2, 2))  # same bytes, new mtime: re-encoded too (identity is path, size, mtime)
+    assert data.Dataset(demo, resolution=64).cache_latents(ae, cache_dir=cache, ae_id="ae-1") == (len(ds) - 1, 1)
+
+    ds = data.Dataset(demo, resolution=80)  # another resolution: other buckets, all re-encoded
+    assert ds.cache_latents(ae, cache_dir=cache, ae_id="ae-1") == (0, len(ds))
+
+
+def test_broken_cache_file_is_rebuilt(demo, ae, tmp_path):
+    cache = str(tmp_path / "cache")
+    ds = data.Dataset(demo, resolution=64)
+    ds.cache_latents(ae, cache_dir=cache, ae_id="ae")
+    with open(ds.latents[(0, False)], "r+b") as f:
+        f.truncate(10)
+    assert data.Dataset(demo, resolution=64).cache_latents(ae, cache_dir=cache, ae_id="ae") == (len(ds) - 1, 1)
+
+
+def test_sampled_latents_are_reproducible(demo, ae):
+    a, b = data.Dataset(demo, resolution=64), data.Dataset(demo, resolution=64)
+    a.cache_latents(ae, sample=True, batch_size=1)
+    b.cache_latents(ae, sample=True, batch_size=4)
+    mean = data.Dataset(demo, resolution=64)
+    mean.cache_latents(ae)
+    assert all(torch.allclose(a.latents[k], b.latents[k], atol=1e-5) for k in a.latents)
+    assert not torch.allclose(a.latents[(0, False)], mean.latents[(0, False)])
+
+
+def test_text_cache_reuse_and_rebuild(demo, te, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    ds = data.Dataset(demo, resolution=64)
+    distinct = len({c for _, c in ds.items} | {""})
+    calls = count_calls(monkeypatch, te, "forward")
+    assert ds.cache_text(te, SYS, 256, cache_dir=cache, te_id="gemma-1") == (0, distinct)
+    assert calls[0] == distinct
+    ds = data.Dataset(demo, resolution=64)
+    assert ds.cache_text(te, SYS, 256, cache_dir=cache, te_id="gemma-1") == (distinct, 0)
+    assert calls[0] == distinct
+    align = lumina2.SYSTEM_PROMPTS["align"]
+    assert ds.cache_text(te, align, 256, cache_dir=cache, te_id="gemma-1") == (0, distinct)
+    assert ds.cache_text(te, SYS, 20, cache_dir=cache, te_id="gemma-1") == (0, distinct)
+    assert all(data.cache_get(ds.text, c).shape[0] <= 20 for c in ds.text)
+    assert ds.cache_text(te, SYS, 256, cache_dir=cache, te_id="gemma-2") == (0, distinct)
+
+    caption = ds.items[0][1]  # the cache holds the valid tokens of a direct encode
+    feats, mask = te([caption], SYS)
+    torch.testing.assert_close(data.cache_get(ds.text, caption), feats[0, : int(mask.sum())], atol=1e-5, rtol=1e-5)
+
+
+def test_dataset_holds_no_model(demo, weights):
+    ae = lumina2.load_ae(weights["ae"], dtype=torch.float32)
+    te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
+    ds = data.Dataset(demo, resolution=64)
+    ds.cache_latents(ae)
+    ds.cache_text(te, SYS, 256)
+    refs = [weakref.ref(ae), weakref.ref(te)]
+    del ae, te
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert next(ds.batches(2, seed=0, epoch=0))["latents"].dtype == torch.float32
+
+# -----------------------------------------------------------------------------
+# caption dropout and batches
+
+
+@pytest.fixture
+def cached(demo, ae, te):
+    ds = data.Dataset(demo, resolution=64, flip=True, repeats=2)
+    ds.cache_latents(ae)
+    ds.cache_text(te, SYS, 256)
+    return ds
+
+
+def test_batches_require_caches(demo):
+    ds = data.Dataset(demo, resolution=64)
+    with pytest.raises(RuntimeError, match="cache_latents"):
+        next(ds.batches(2, seed=0, epoch=0))
+
+
+def test_caption_dropout_uses_the_cached_empty_caption(cached, te):
+    empty, mask = te([""], SYS)  # "" still gets the system prompt
+    empty = empty[0, : int(mask.sum())]
+    n_empty = empty.shape[0]
+    for b in cached.batches(4, seed=0, epoch=0, caption_dropout=1.0):
+        assert b["captions"] == [""] * len(b["captions"])
+        assert b["cap_mask"].sum(1).eq(n_empty).all()
+        for f in b["cap_feats"]:
+            assert torch.equal(f[:n_empty], data.cache_get(cached.text, ""))
+            torch.testing.assert_close(f[:n_empty], empty, atol=1e-5, rtol=1e-5)
+    for b in cached.batches(4, seed=0, epoch=0, caption_dropout=0.0):
+        for f, m, c, p in zip(b["cap_feats"], b["cap_mask"], b["captions"], b["paths"]):
+            assert c and c == dict(cached.items)[p]
+            assert torch.equal(f[m], data.cache_get(cached.text, c))
+            assert not (m.sum() == n_empty and torch.equal(f[:n_empty], empty))
+    dropped = sum(c == "" for b in cached.batches(4, seed=0, epoch=0, caption_dropout=0.5) for c in b["captions"])
+    assert 0 < dropped < 2 * len(cached)
+
+
+def test_batches_deterministic_and_resumable(cached):
+    def run(epoch, skip=0, p=0.3):
+        return list(cached.batches(3, seed=7, epoch=epoch, caption_dropout=p, skip=skip))
+    a, b = run(0), run(0)
+    assert len(a) == cached.len_batches(3) == sum(math.ceil(2 * cached.buckets.count(k) / 3) for k in set(cached.buckets))
+    assert [x["paths"] for x in a] == [x["paths"] for x in b]
+    assert all(torch.equal(x["latents"], y["latents"]) and torch.equal(x["cap_feats"], y["cap_feats"]) for x, y in zip(a, b))
+    assert [x["paths"] for x in run(1)] != [x["paths"] for x in a]
+    assert [x["paths"] for x in run(0, p=0.0)] == [x["paths"] for x in a]  # dropout does not move the order
+    paths = [p for x in a for p in x["paths"]]
+    assert sorted(paths) == sorted(p for p, _ in cached.items for _ in range(2))  # repeats applied
+    bucket = dict(zip((p for p, _ in cached.items), cached.buckets))
+    for x in a:
+        assert len({bucket[p] for p in x["paths"]}) == 1  # one bucket per batch
+        w, h = bucket[x["paths"][0]]
+        assert x["latents"].shape[1:] == (16, h // 8, w // 8) and x["latents"].dtype == torch.float32
+        assert x["cap_mask"].dtype == torch.bool and x["cap_feats"].shape[:2] == x["cap_mask"].shape
+        assert x["cap_mask"][:, 0].all() and x["cap_mask"].sum(1).max() == x["cap_mask"].shape[1]
+    tail = run(0, skip=3)
+    assert len(tail) == len(a) - 3
+    for x, y in zip(tail, a[3:]):
+        assert x["paths"] == y["paths"] and x["captions"] == y["captions"]
+        assert torch.equal(x["latents"], y["latents"]) and torch.equal(x["cap_feats"], y["cap_feats"])
+
+
+def test_flip_is_drawn_per_item(cached):
+    index = {p: i for i, (p, _) in enumerate(cached.items)}
+    seen = set()
+    for epoch in range(2):
+        for x in cached.batches(4, seed=0, epoch=epoch):
+            for lat, p in zip(x["latents"], x["paths"]):
+                i = index[p]
+                flipped = torch.equal(lat, cached.latents[(i, True)])
+                assert flipped or torch.equal(lat, cached.latents[(i, False)])
+                seen.add(flipped)
+    assert seen == {True, False}
+    plain = data.Dataset(os.path.dirname(cached.items[0][0]), resolution=64)
+    plain.latents, plain.text = {k: v for k, v in cached.latents.items() if not k[1]}, cached.text
+    assert all(not f for batch in plain.epoch_plan(4, 0, 0) for _, f, _ in batch)
+
+
+def test_dataset_keeps_incomplete_batches(demo, ae, te):
+    ds = data.Dataset(demo, resolution=64)
+    ds.cache_latents(ae)
+    ds.cache_text(te, SYS, 256)
+    sizes = sorted(len(x["paths"]) for x in ds.batches(3, seed=0, epoch=0))
+    counts = [ds.buckets.count(b) for b in set(ds.buckets)]
+    assert sum(sizes) == len(ds) and len(sizes) == sum(math.ceil(c / 3) for c in counts)
+    assert min(sizes) == min(c % 3 or 3 for c in counts)
+
