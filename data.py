@@ -354,6 +354,9 @@ def make_demo_weights(out_dir, seed=0):
     sd["spiece_model"] = torch.frombuffer(bytearray(train_tiny_tokenizer()), dtype=torch.uint8)
     save_file_atomic(sd, paths["gemma"], metadata={"gemma2_config": json.dumps(DEMO_GEMMA)})
     ae = lumina2.AutoEncoder(**lumina2.AE_PRESETS["tiny"])
+    with torch.no_grad():  # a random encoder gives latents of std ~0.1; scale its output to the real AE's std ~1
+        ae.encoder.conv_out.weight.mul_(8.0)
+        ae.encoder.conv_out.bias.mul_(8.0)
     save_file_atomic(ae.state_dict(), paths["ae"])
     return paths
 

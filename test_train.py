@@ -1,0 +1,184 @@
+"""
+Training tests: timestep sampling against its formulas, memorisation (the guard against reversed-time
+bugs) for LoRA and full training, exact resume, crash-safe checkpoints, config errors. CPU, offline,
+tiny random models written in the real file layouts.
+
+    python -m pytest -q test_train.py
+"""
+import math
+import os
+import statistics
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import lumina2
+import sample
+import train
+
+
+def shift(u, k):  # S_k(u), written again here so the test does not trust train.py's copy
+    return k * u / (1 + (k - 1) * u)
+
+
+@pytest.mark.parametrize("side", [512, 1024, 2048])
+@pytest.mark.parametrize("mode", ["nextdit_shift", "lognorm", "shift", "sigmoid", "uniform"])
+def test_timestep_sampling_matches_its_formula(mode, side):
+    n = 200_000
+    h = w = side // 8
+    mu = 0.5 + 0.65 * ((h // 2) * (w // 2) - 256) / 3840
+    assert math.isclose({512: 0.63, 1024: 1.15, 2048: 3.23}[side], mu, abs_tol=1e-9)
+    sig = train.sample_sigmas(n, mode, (h, w), torch.Generator().manual_seed(0), flow_shift=6.0, sigmoid_scale=1.0)
+    assert sig.shape == (n,) and sig.min() > 0 and sig.max() < 1
+    normal = statistics.NormalDist()
+    for q in (0.05, 0.25, 0.5, 0.75, 0.95):  # every mode is monotone in its draw, so quantiles map through
+        z = normal.inv_cdf(q)
+        want = {"nextdit_shift": shift(q, math.exp(mu)), "lognorm": shift(1 / (1 + math.exp(-z)), math.exp(mu)),
+                "shift": shift(1 / (1 + math.exp(-z)), 6.0), "sigmoid": 1 / (1 + math.exp(-z)), "uniform": q}[mode]
+        assert abs(torch.quantile(sig, q).item() - want) < 5e-3, (mode, q)
+
+
+def test_lr_schedules():
+    f = train.lr_lambda("cosine", 10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == 1.0 and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    assert train.lr_lambda("linear", 0, 100)(50) == pytest.approx(0.5)
+    assert train.lr_lambda("constant_with_warmup", 4, 100)(1) == 0.5 and train.lr_lambda("constant", 0, 9)(5) == 1.0
+
+
+# -----------------------------------------------------------------------------
+# end to end on the tiny models
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return data.make_demo_weights(str(tmp_path_factory.mktemp("weights")))
+
+
+def one_image_dataset(folder, caption="a red circle on a white background"):
+    os.makedirs(folder, exist_ok=True)
+    img = Image.new("RGB", (64, 64), "white")
+    for x in range(64):
+        for y in range(64):
+            if (x - 30) ** 2 + (y - 34) ** 2 < 200:
+                img.putpixel((x, y), (220, 30, 30))
+    img.save(os.path.join(folder, "circle.png"))
+    with open(os.path.join(folder, "circle.txt"), "w") as fh:
+        fh.write(caption)
+    return folder
+
+
+def run(weights, tmp_path, *args):
+    base = [f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
+            f"--output_dir={tmp_path / 'out'}", "--device=cpu", "--mixed_precision=no", "--resolution=64",
+            "--gradient_checkpointing=False", "--save_every_n_epochs=0", "--max_train_epochs=0", "--output_name=t"]
+    return train.main(base + list(args))
+
+
+def memorisation_error(weights, tmp_path, model, caption):
+    """Sample the training caption from fixed noise and compare with the training latent."""
+    te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
+    ae = lumina2.load_ae(weights["ae"], dtype=torch.float32)
+    img = data.to_tensor(Image.open(tmp_path / "img" / "circle.png").convert("RGB"))[None]
+    with torch.no_grad():
+        target = ae.encode(img)
+    cond = te([caption], lumina2.SYSTEM_PROMPTS["base"])
+    noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(123))
+    model.eval()
+    got = sample.sample(model, noise, cond, None, steps=20, cfg=1.0, progress=False)
+    return ((got - target).norm() / target.norm()).item()
+
+
+def flipped_target_loss(model, x0, cap_feats, cap_mask, sigma, noise):
+    """A convention bug on purpose: the target is noise - x0 (the sign ComfyUI applies outside the model)."""
+    s = sigma.view(-1, 1, 1, 1)
+    v = model((1 - s) * x0 + s * noise, 1 - sigma, cap_feats, cap_mask)
+    return torch.nn.functional.mse_loss(v.float(), noise - x0)
+
+
+@pytest.mark.parametrize("mode,extra", [("lora", ["--learning_rate=5e-3", "--max_train_steps=1000", "--embedder_dims=[16,16,16]"]),
+                                        ("full", ["--learning_rate=3e-3", "--max_train_steps=600"])])
+def test_memorisation(weights, tmp_path, monkeypatch, mode, extra):
+    """Train on one latent with one caption, then sample that caption: the result must approach the
+    latent (a time or sign convention error in training or sampling cannot). The control run trains
+    with a flipped target and must fail."""
+    caption = "a red circle on a white background"
+    one_image_dataset(tmp_path / "img", caption)
+    args = [f"--train_data_dir={tmp_path / 'img'}", "--timestep_sampling=uniform", f"--train_mode={mode}",
+            "--network_dim=16", "--network_alpha=16.0", "--lr_scheduler=constant", "--max_grad_norm=0.0",
+            "--num_repeats=4", "--train_batch_size=4", *extra]
+    untrained = run(weights, tmp_path / "u", *args, "--max_train_steps=0")
+    before = memorisation_error(weights, tmp_path, untrained["model"], caption)
+    trained = run(weights, tmp_path / "t", *args)
+    after = memorisation_error(weights, tmp_path, trained["model"], caption)
+    print(f"memorisation ({mode}, {extra}): relative error {before:.3f} untrained -> {after:.3f} trained; "
+          f"loss {trained['losses'][0]:.3f} -> {sum(trained['losses'][-20:]) / 20:.4f}")
+    assert after < before / 3
+    if mode == "full":
+        monkeypatch.setattr(train, "flow_matching_loss", flipped_target_loss)
+        broken = memorisation_error(weights, tmp_path, run(weights, tmp_path / "r", *args)["model"], caption)
+        print(f"  control with a flipped target: relative error {broken:.3f}")
+        assert broken > 3 * after
+
+
+def test_resume_is_bit_exact(weights, tmp_path, monkeypatch):
+    folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
+    args = [f"--train_data_dir={folder}", "--train_batch_size=2", "--caption_dropout_rate=0.3", "--network_dim=4",
+            "--learning_rate=1e-3", "--lr_scheduler=cosine", "--network_dropout=0.1", "--gradient_accumulation_steps=2",
+            "--max_train_steps=6", "--save_every_n_steps=3"]
+    full = run(weights, tmp_path / "a", *args)
+    saved = train.save_atomic
+
+    def save_then_die(obj, path):  # the run is killed right after its step-3 checkpoint
+        saved(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(weights, tmp_path / "b", *args)
+    monkeypatch.undo()
+    resumed = run(weights, tmp_path / "b", *args, "--resume=True")
+    from safetensors.torch import load_file
+    a, b = load_file(full["lora"]), load_file(resumed["lora"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = torch.load(full["state"], weights_only=False), torch.load(resumed["state"], weights_only=False)
+    assert all(torch.equal(x, y) for x, y in zip(sa["lora"], sb["lora"]))
+    assert sa["step"] == sb["step"] == 6 and 0 < len(resumed["losses"]) < len(full["losses"])
+
+
+def test_kill_during_checkpoint_save_keeps_the_previous_one(weights, tmp_path, monkeypatch):
+    folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
+    args = [f"--train_data_dir={folder}", "--network_dim=4"]
+    first = run(weights, tmp_path, *args, "--max_train_steps=2")
+    before = torch.load(first["state"], weights_only=False)
+
+    def killed(obj, f, *a, **k):  # the process dies half-way through writing the new state
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(weights, tmp_path, *args, "--max_train_steps=4", "--resume=True")
+    monkeypatch.undo()
+    after = torch.load(first["state"], weights_only=False)
+    assert after["step"] == before["step"] == 2
+    resumed = run(weights, tmp_path, *args, "--max_train_steps=4", "--resume=True")
+    assert torch.load(resumed["state"], weights_only=False)["step"] == 4
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'learning_rat'"):
+        train.main(["--learning_rat=1e-4"])
+    with pytest.raises(SystemExit, match="is a int"):
+        train.main(["--max_train_steps=many"])
+    cfg = tmp_path / "c.py"
+    cfg.write_text("network_dimm = 4\n")
+    with pytest.raises(SystemExit, match="unknown config key 'network_dimm'"):
+        train.main([str(cfg)])
+
+
+def test_resolution_must_be_a_multiple_of_16(weights, tmp_path):
+    with pytest.raises(SystemExit, match="multiple of 16"):
+        run(weights, tmp_path, f"--train_data_dir={tmp_path}", "--resolution=100")
