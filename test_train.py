@@ -182,3 +182,19 @@ def test_config_errors(tmp_path):
 def test_resolution_must_be_a_multiple_of_16(weights, tmp_path):
     with pytest.raises(SystemExit, match="multiple of 16"):
         run(weights, tmp_path, f"--train_data_dir={tmp_path}", "--resolution=100")
+
+
+def test_trained_lora_changes_samples(weights, tmp_path):
+    """The LoRA a run saves (kohya layout) loads in sample.py and changes the image; multiplier 0 does not."""
+    folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
+    out = run(weights, tmp_path, f"--train_data_dir={folder}", "--max_train_steps=5", "--learning_rate=1e-2")
+    common = [f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
+              "--device=cpu", "--dtype=float32", "--width=64", "--height=64", "--steps=3", "--seeds=[5]"]
+
+    def image(name, *extra):
+        path = sample.main(common + [f"--out_dir={tmp_path / name}", *extra])[0]
+        return torch.tensor(list(Image.open(path).convert("RGB").getdata()))
+
+    base = image("base")
+    assert not torch.equal(base, image("lora", f"--lora_weights=['{out['lora']};1.0']"))
+    assert torch.equal(base, image("zero", f"--lora_weights=['{out['lora']};0.0']"))

@@ -28,9 +28,9 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 # config: sd-scripts flag in the comment where one exists
-dit_path = "lumina_2_model_bf16.safetensors"  # --pretrained_model_name_or_path
-gemma_path = "gemma_2_2b_fp16.safetensors"  # --gemma2
-ae_path = "ae.safetensors"  # --ae
+dit_path = "models/lumina_2_model_bf16.safetensors"  # --pretrained_model_name_or_path (or lumina-image-2.safetensors)
+gemma_path = "models/gemma_2_2b_fp16.safetensors"  # --gemma2
+ae_path = "models/ae.safetensors"  # --ae
 train_data_dir = "data/images"  # dataset_config image_dir: images with same-stem .txt captions
 resolution = 1024  # dataset_config resolution: bucket area = resolution^2
 num_repeats = 1  # dataset_config num_repeats

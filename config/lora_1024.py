@@ -1,8 +1,8 @@
 # The sd-scripts docs' lumina_train_network.py command, as our constants (README maps every flag):
 # python train.py config/lora_1024.py --train_data_dir=my_images --output_name=my_lora
-dit_path = "lumina_2_model_bf16.safetensors"
-gemma_path = "gemma_2_2b_fp16.safetensors"
-ae_path = "ae.safetensors"
+dit_path = "models/lumina_2_model_bf16.safetensors"
+gemma_path = "models/gemma_2_2b_fp16.safetensors"
+ae_path = "models/ae.safetensors"
 output_dir = "out/lora"
 output_name = "my_lumina_lora"
 network_dim = 8
