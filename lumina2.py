@@ -545,7 +545,7 @@ def describe(keys):
         return "a Lumina 2 Next-DiT"
     if has("attn.to_q") and has("time_caption_embed"):
         return "a diffusers-format Lumina2Transformer2DModel (pass the original single file, e.g. lumina_2_model_bf16.safetensors)"
-    if has("input_blocks.") or has("down_blocks.") and has("attentions."):
+    if has("input_blocks.") or (has("down_blocks.") and has("attentions.")):
         return "an SD/SDXL UNet"
     if has("double_blocks."):
         return "a FLUX transformer"
@@ -602,15 +602,22 @@ def dit_config_from_shapes(shapes):
                 axes_dims=(head_dim - 2 * a, a, a), axes_lens=(300, 512, 512))
 
 
-def load_dit(path, dtype=torch.bfloat16, device="cpu"):
-    """lumina_2_model_bf16.safetensors / lumina-image-2.safetensors / an all-in-one checkpoint -> NextDiT."""
+def load_model(path, prefixes, marker, wanted, build, dtype, device):
+    """Find the model's keys in the file (any known prefix), build it on the meta device from the tensor
+    shapes, and fill it strictly."""
     f, _ = open_safetensors(path)
     keys = set(f.keys())
-    prefix = find_prefix(keys, DIT_PREFIXES, "cap_embedder.1.weight", path, "a Lumina 2 Next-DiT (lumina_2_model_bf16.safetensors)")
+    prefix = find_prefix(keys, prefixes, marker, path, wanted)
     shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
     with torch.device("meta"):
-        model = NextDiT(**dit_config_from_shapes(shapes))
+        model = build(shapes)
     return load_weights(model, f, prefix, dtype, device, path)
+
+
+def load_dit(path, dtype=torch.bfloat16, device="cpu"):
+    """lumina_2_model_bf16.safetensors / lumina-image-2.safetensors / an all-in-one checkpoint -> NextDiT."""
+    return load_model(path, DIT_PREFIXES, "cap_embedder.1.weight", "a Lumina 2 Next-DiT (lumina_2_model_bf16.safetensors)",
+                      lambda shapes: NextDiT(**dit_config_from_shapes(shapes)), dtype, device)
 
 
 def ae_config_from_shapes(shapes):
@@ -624,13 +631,8 @@ def ae_config_from_shapes(shapes):
 
 def load_ae(path, dtype=torch.bfloat16, device="cpu"):
     """ae.safetensors (BFL layout, also under a vae. prefix) -> AutoEncoder."""
-    f, _ = open_safetensors(path)
-    keys = set(f.keys())
-    prefix = find_prefix(keys, AE_PREFIXES, "decoder.conv_in.weight", path, "the FLUX autoencoder (ae.safetensors)")
-    shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
-    with torch.device("meta"):
-        model = AutoEncoder(**ae_config_from_shapes(shapes))
-    return load_weights(model, f, prefix, dtype, device, path)
+    return load_model(path, AE_PREFIXES, "decoder.conv_in.weight", "the FLUX autoencoder (ae.safetensors)",
+                      lambda shapes: AutoEncoder(**ae_config_from_shapes(shapes)), dtype, device)
 
 
 def gemma_file_keys(config):

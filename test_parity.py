@@ -60,7 +60,7 @@ TINY_DIFFUSERS = dict(sample_size=16, patch_size=2, in_channels=16, hidden_size=
                       axes_dim_rope=(8, 4, 4), axes_lens=(300, 512, 512), cap_feat_dim=32)
 
 
-def diffusers_to_original(sd, dim_q, dim_kv):
+def diffusers_to_original(sd):
     """The inverse of diffusers' convert_lumina2_to_diffusers, written here from the two module trees."""
     out = {}
     renames = [("time_caption_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
@@ -82,7 +82,7 @@ def diffusers_to_original(sd, dim_q, dim_kv):
         for a, b in renames:
             k = k.replace(a, b)
         out[k] = v
-    out["norm_final.weight"] = torch.ones(dim_q)
+    out["norm_final.weight"] = torch.ones(sd["x_embedder.weight"].shape[0])
     return out
 
 
@@ -91,7 +91,7 @@ def test_dit_matches_diffusers_tiny(tmp_path):
     torch.manual_seed(0)
     ref = perturb_norms(Lumina2Transformer2DModel(**TINY_DIFFUSERS)).eval()
     path = str(tmp_path / "tiny_dit.safetensors")
-    save_file(diffusers_to_original(ref.state_dict(), 64, 32), path)
+    save_file(diffusers_to_original(ref.state_dict()), path)
     ours = lumina2.load_dit(path, dtype=torch.float32)
     x, t, cap, mask = ragged_batch()
     with torch.no_grad():

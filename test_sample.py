@@ -14,46 +14,10 @@ from PIL import Image
 
 import data
 import lumina2
+from test_parity import diffusers_to_original, perturb_norms  # the shared key map and norm randomiser
 import sample
 
 TINY_DIT = dict(lumina2.DIT_PRESETS["tiny"], cap_feat_dim=32)
-
-
-def perturb_norms(model, seed):
-    """Norm weights start at 1 (or 0): random ones make a swapped or missing norm visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def diffusers_to_official(sd):
-    """Lumina2Transformer2DModel state dict -> the original NextDiT keys (inverse of convert_lumina2_to_diffusers)."""
-    renames = [("time_caption_embed.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
-               ("time_caption_embed.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
-               ("time_caption_embed.caption_embedder.", "cap_embedder."),
-               ("norm_out.linear_1.", "final_layer.adaLN_modulation.1."), ("norm_out.linear_2.", "final_layer.linear."),
-               (".attn.to_out.0.", ".attention.out."), (".attn.norm_q.", ".attention.q_norm."),
-               (".attn.norm_k.", ".attention.k_norm."), (".feed_forward.linear_1.", ".feed_forward.w1."),
-               (".feed_forward.linear_2.", ".feed_forward.w2."), (".feed_forward.linear_3.", ".feed_forward.w3."),
-               (".norm1.linear.", ".adaLN_modulation.1."), (".norm1.norm.", ".attention_norm1."),
-               (".norm1.", ".attention_norm1."), (".norm2.", ".attention_norm2.")]
-    out = {}
-    for key, value in sd.items():
-        if ".attn.to_q." in key:
-            base = key.replace(".to_q.", ".to_{}.")
-            key, value = key.replace(".attn.to_q.", ".attention.qkv."), torch.cat([sd[base.format(n)] for n in "qkv"])
-        elif ".attn.to_k." in key or ".attn.to_v." in key:
-            continue
-        for old, new in renames:
-            if old in key:
-                key = key.replace(old, new)
-                break
-        out[key] = value.clone()
-    out["norm_final.weight"] = torch.ones(sd["x_embedder.weight"].shape[0])
-    return out
 
 
 def random_captions(B, L, lens, seed, dim=32):
@@ -98,7 +62,7 @@ def test_euler_cfg_matches_diffusers_pipeline():
         num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(8, 4, 4), axes_lens=(300, 512, 512),
         cap_feat_dim=32), 1).eval()
     dit = lumina2.NextDiT(**TINY_DIT)
-    dit.load_state_dict(diffusers_to_official(ref_dit.state_dict()), strict=True)
+    dit.load_state_dict(diffusers_to_original(ref_dit.state_dict()), strict=True)
     ae = perturb_norms(lumina2.AutoEncoder(**lumina2.AE_PRESETS["tiny"]), 2).eval()
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4, layers_per_block=1,

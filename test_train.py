@@ -9,6 +9,7 @@ import math
 import os
 import statistics
 
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -193,7 +194,7 @@ def test_trained_lora_changes_samples(weights, tmp_path):
 
     def image(name, *extra):
         path = sample.main(common + [f"--out_dir={tmp_path / name}", *extra])[0]
-        return torch.tensor(list(Image.open(path).convert("RGB").getdata()))
+        return torch.from_numpy(numpy.array(Image.open(path).convert("RGB")))
 
     base = image("base")
     assert not torch.equal(base, image("lora", f"--lora_weights=['{out['lora']};1.0']"))
