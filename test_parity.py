@@ -260,6 +260,14 @@ def test_tokenizer_ids_equal_sentencepiece(gemma_file):
     assert ids[~mask].eq(0).all() and ids[:, 0].eq(2).all()
 
 
+def test_tokenizer_from_a_local_folder(gemma_file, tmp_path):
+    path, _, proto = gemma_file
+    (tmp_path / "tokenizer.model").write_bytes(proto)
+    a = lumina2.load_text_encoder(path, dtype=torch.float32)
+    b = lumina2.load_text_encoder(path, dtype=torch.float32, tokenizer=str(tmp_path))
+    assert all(torch.equal(x, y) for x, y in zip(a.tokenize(TRICKY), b.tokenize(TRICKY)))
+
+
 def test_tokenizer_truncates_to_max_length_with_a_warning(gemma_file):
     te = lumina2.load_text_encoder(gemma_file[0], dtype=torch.float32, max_length=16)
     with pytest.warns(UserWarning, match="truncated to 16"):
