@@ -162,6 +162,10 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def peak_memory_gb():
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -322,8 +326,8 @@ def train(c):
     final = save_checkpoint("")
     sample_path = save_samples("-final") if c.sample_prompts else None
     print(f"{'LoRA' if c.train_mode == 'lora' else 'model'}: {final}\nsamples: {sample_path}\nlog: {log_path}\n"
-          f"{step} steps in {time.time() - t0:.1f}s, first loss {losses[0] if losses else float('nan'):.4f}, "
-          f"last loss {losses[-1] if losses else float('nan'):.4f}, peak {peak_memory_gb():.2f} GB")
+          f"{step} steps in {time.time() - t0:.1f}s, loss (mean of 20 batches) first {mean(losses[:20]):.4f}, "
+          f"last {mean(losses[-20:]):.4f}, peak {peak_memory_gb():.2f} GB")
     return {"losses": losses, "lora": final, "state": state_path, "log": log_path, "samples": sample_path, "model": model}
 
 
