@@ -33,7 +33,7 @@ def perturb_norms(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and name.endswith("weight") and p.ndim == 1:  # norm scales only, not Linears named norm_*
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
     return model
 
