@@ -263,8 +263,7 @@ def train(c):
         model.eval()
         grid = []
         for i, cond in enumerate(sample_cond):
-            g = torch.Generator().manual_seed(c.sample_seed + i)
-            noise = torch.randn((1, 16, c.sample_height // 8, c.sample_width // 8), generator=g).to(c.device)
+            noise = sample.seeded_noise([c.sample_seed + i], c.sample_height, c.sample_width).to(c.device)
             lat = sample.sample(model, noise, cond, sample_uncond, c.sample_steps, c.sample_cfg, progress=False)
             grid.append(lat)
         ae.to(c.device)
