@@ -212,7 +212,7 @@ class Dataset:
                 z = ae.encode(x)
             for (key, text, _, file), zi in zip(job, z.to("cpu", dtype)):
                 if file:
-                    save_file_atomic({"x": zi}, file, metadata={"fingerprint": text})
+                    lumina2.save_file_atomic({"x": zi}, file, metadata={"fingerprint": text})
                 self.latents[key] = file or zi.clone()
         encoded = sum(len(g) for g in todo.values())
         print(f"latent cache: reused {reused} / encoded {encoded}")
@@ -248,7 +248,7 @@ class Dataset:
             for (caption, text, file), f, m in zip(job, feats.cpu(), mask.cpu()):
                 f = f[:min(int(m.sum()), max_length)].clone()  # (L_i, D) valid tokens only
                 if file:
-                    save_file_atomic({"x": f}, file, metadata={"fingerprint": text})
+                    lumina2.save_file_atomic({"x": f}, file, metadata={"fingerprint": text})
                 self.text[caption] = file or f
         print(f"text cache: reused {reused} / encoded {len(todo)}")
         return reused, len(todo)
@@ -324,15 +324,6 @@ def train_tiny_tokenizer(vocab_size=DEMO_GEMMA["vocab_size"]):
     return buf.getvalue()
 
 
-def save_file_atomic(tensors, path, metadata=None):
-    """safetensors save through a temp file + rename, so an interrupted write never leaves a broken file."""
-    from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
 def make_demo_weights(out_dir, seed=0):
     """Write tiny random models as lumina_2_model_bf16.safetensors (raw keys, BF16),
     gemma_2_2b_fp16.safetensors (`model.` prefix, F16, embedded spiece_model) and ae.safetensors (F32).
@@ -344,7 +335,7 @@ def make_demo_weights(out_dir, seed=0):
         return paths
     torch.manual_seed(seed)
     dit = lumina2.NextDiT(**lumina2.DIT_PRESETS["tiny"])
-    save_file_atomic({k: v.to(torch.bfloat16) for k, v in dit.state_dict().items()}, paths["dit"])
+    lumina2.save_file_atomic({k: v.to(torch.bfloat16) for k, v in dit.state_dict().items()}, paths["dit"])
     gemma = Gemma2Model(lumina2.gemma_config(**DEMO_GEMMA))
     with torch.no_grad():  # Gemma initialises its (1 + w) norms at w = 0; random w makes the test meaningful
         for name, p in gemma.named_parameters():
@@ -352,12 +343,12 @@ def make_demo_weights(out_dir, seed=0):
                 p.normal_(0, 0.1)
     sd = {"model." + k: v.to(torch.float16) for k, v in gemma.state_dict().items()}
     sd["spiece_model"] = torch.frombuffer(bytearray(train_tiny_tokenizer()), dtype=torch.uint8)
-    save_file_atomic(sd, paths["gemma"], metadata={"gemma2_config": json.dumps(DEMO_GEMMA)})
+    lumina2.save_file_atomic(sd, paths["gemma"], metadata={"gemma2_config": json.dumps(DEMO_GEMMA)})
     ae = lumina2.AutoEncoder(**lumina2.AE_PRESETS["tiny"])
     with torch.no_grad():  # a random encoder gives latents of std ~0.1; scale its output to the real AE's std ~1
         ae.encoder.conv_out.weight.mul_(8.0)
         ae.encoder.conv_out.bias.mul_(8.0)
-    save_file_atomic(ae.state_dict(), paths["ae"])
+    lumina2.save_file_atomic(ae.state_dict(), paths["ae"])
     return paths
 
 

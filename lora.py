@@ -15,9 +15,7 @@ After inject the model's state_dict keeps every base key and gains `<path>.lora_
 """
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 
 import torch
@@ -213,7 +211,6 @@ def lora_state_dict(model, layout="kohya"):
 def save_lora(model, path, layout="kohya", metadata=None, dtype=torch.bfloat16):
     """Write the LoRA as safetensors, atomically. Weights are cast to dtype; alpha stays fp32 so that an
     alpha like 0.3 is not silently rounded. `metadata` (training settings) is added as strings."""
-    from safetensors.torch import save_file
     sd = {k: v.to("cpu", torch.float32 if k.endswith(".alpha") else dtype).contiguous()
           for k, v in lora_state_dict(model, layout).items()}
     modules = lora_modules(model).values()
@@ -223,15 +220,7 @@ def save_lora(model, path, layout="kohya", metadata=None, dtype=torch.bfloat16):
             "ss_base_model_version": "lumina2", "modelspec.sai_model_spec": "1.0.1",
             "modelspec.architecture": "lumina-2/lora"}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lora-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)  # a crash mid-write never leaves a truncated LoRA under the real name
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    lumina2.save_file_atomic(sd, path, metadata=meta)
 
 
 # -----------------------------------------------------------------------------

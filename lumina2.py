@@ -516,6 +516,15 @@ GEMMA_PREFIXES = ("model.", "text_encoders.gemma2_2b.transformer.model.", "")
 SPIECE_KEYS = ("spiece_model", "text_encoders.spiece_model")
 
 
+def save_file_atomic(tensors, path, metadata=None):
+    """safetensors save through a temp file + rename, so an interrupted write never leaves a broken file."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
 def open_safetensors(path):
     """-> (safe_open handle, metadata dict). A missing, truncated or non-safetensors file says so."""
     from safetensors import safe_open

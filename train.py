@@ -252,7 +252,7 @@ def train(c):
         if c.train_mode == "lora":
             lora.save_lora(model, path, layout=c.save_layout, metadata=meta)
         else:  # the whole model under the original keys, bf16, loadable by load_dit, ComfyUI and sd-scripts
-            data.save_file_atomic({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, path, metadata=meta)
+            lumina2.save_file_atomic({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, path, metadata=meta)
         save_atomic({"lora": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "noise_gen": noise_gen.get_state(), "rng": rng_state(),
                      "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "config": vars(c)}, state_path)
