@@ -280,23 +280,32 @@ class Dataset:
         """Batches per epoch: per bucket ceil(images * repeats / batch_size), the last one kept even if short."""
         return sum(math.ceil(self.buckets.count(b) * self.repeats / batch_size) for b in set(self.buckets))
 
-    def batches(self, batch_size, seed, epoch, caption_dropout=0.0, skip=0):
+    def batches(self, batch_size, seed, epoch, caption_dropout=0.0, skip=0, rank=0, world=1):
         """Yield the epoch's batches, from batch `skip` on (exact resume: the skipped batches are not
         loaded), as dicts: latents (B, 16, h, w) fp32, cap_feats (B, L, D) in the text encoder's dtype,
-        zero-padded to this batch's longest caption, cap_mask (B, L) bool, captions (the ones used: "" when dropped), paths."""
+        zero-padded to this batch's longest caption, cap_mask (B, L) bool, captions (the ones used: "" when
+        dropped), paths. With world > 1 processes a global batch holds batch_size x world samples and this
+        rank gets its contiguous share, starting at `start` of `global_size`; `weight` = share x world /
+        global_size makes the average over ranks of weight x (share mean) the global mean. A rank left with
+        no sample (a bucket's short last batch) gets the batch's first one with weight 0: every rank must
+        run backward."""
         if len(self.latents) < len(self.items) * (2 if self.flip else 1) or not self.text:
             raise RuntimeError("call cache_latents(ae, ...) and cache_text(text_encoder, ...) before batches()")
-        for batch in self.epoch_plan(batch_size, seed, epoch, caption_dropout)[skip:]:
-            captions = ["" if dropped else self.items[i][1] for i, _, dropped in batch]
+        for batch in self.epoch_plan(batch_size * world, seed, epoch, caption_dropout)[skip:]:
+            n = len(batch)
+            lo, hi = n * rank // world, n * (rank + 1) // world
+            share = batch[lo:hi] or batch[:1]
+            captions = ["" if dropped else self.items[i][1] for i, _, dropped in share]
             feats = [cache_get(self.text, c) for c in captions]
             L = max(f.shape[0] for f in feats)
             cap_feats = feats[0].new_zeros(len(feats), L, feats[0].shape[1])
             cap_mask = torch.zeros(len(feats), L, dtype=torch.bool)
             for j, f in enumerate(feats):
                 cap_feats[j, :len(f)], cap_mask[j, :len(f)] = f, True
-            yield {"latents": torch.stack([cache_get(self.latents, (i, flipped)).float() for i, flipped, _ in batch]),
+            yield {"latents": torch.stack([cache_get(self.latents, (i, flipped)).float() for i, flipped, _ in share]),
                    "cap_feats": cap_feats, "cap_mask": cap_mask, "captions": captions,
-                   "paths": [self.items[i][0] for i, _, _ in batch]}
+                   "paths": [self.items[i][0] for i, _, _ in share],
+                   "global_size": n, "start": lo if hi > lo else 0, "weight": (hi - lo) * world / n}
 
 # -----------------------------------------------------------------------------
 # the tiny demo: random models in the three real file layouts, and a folder of coloured shapes

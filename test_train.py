@@ -144,7 +144,7 @@ def test_resume_is_bit_exact(weights, tmp_path, monkeypatch):
     a, b = load_file(full["lora"]), load_file(resumed["lora"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = torch.load(full["state"], weights_only=False), torch.load(resumed["state"], weights_only=False)
-    assert all(torch.equal(x, y) for x, y in zip(sa["lora"], sb["lora"]))
+    assert all(torch.equal(x, y) for x, y in zip(sa["params"], sb["params"]))
     assert sa["step"] == sb["step"] == 6 and 0 < len(resumed["losses"]) < len(full["losses"])
 
 
