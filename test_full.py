@@ -289,3 +289,13 @@ def test_two_processes_equal_one_with_the_combined_batch(weights, tmp_path, mode
     want = ["t-log.jsonl", "t.safetensors"] + (["t-state-rank0.pt", "t-state-rank1.pt"] if fsdp else ["t-state.pt"])
     assert files == sorted(want), files
     assert sorted(os.listdir(two / "samples")) == ["t-final.png"]
+
+
+def test_bench_runs_every_case(tmp_path):
+    """bench.py's smoke mode (one 2304-wide layer, 64^2, CPU): every case runs, ours and diffusers' bf16
+    outputs agree within bf16 noise, and the table is written. The timings are meaningless on CPU."""
+    import bench
+    out = bench.main(["--smoke=True", f"--out={tmp_path / 'bench.json'}"])
+    assert len(out["rows"]) == 10 and all(r["ms"] > 0 for r in out["rows"])
+    assert out["checks"]["bf16_vs_fp32"] < 3e-2 and out["checks"]["ours_vs_diffusers_bf16"] < 3e-2
+    assert json.load(open(tmp_path / "bench.json"))["rows"] == out["rows"]

@@ -17,6 +17,7 @@ Under torchrun, DDP (LoRA or full) or FSDP2 (full) takes over; one process is th
     torchrun --nproc_per_node=8 train.py config/lora_1024.py --train_data_dir=my_images   # DDP, bs 1 per GPU
 """
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -261,6 +262,24 @@ class EMA:
                     local(p).copy_(k)
 
 
+def fuse_steps_into_backward(params, optimizer, max_grad_norm, ema=None):
+    """Full mode, params[i] alone in optimizer group i: step each tensor from a post-accumulate-grad hook, the
+    moment backward has finished its gradient, and free that gradient, so that the whole model's gradients
+    never exist at once. Clipping is per tensor here (no global norm exists yet). Returns the list the
+    hooks append each tensor's pre-clip gradient norm to."""
+    norms = []
+
+    def step(p, i):
+        norms.append(torch.nn.utils.clip_grad_norm_([p], max_grad_norm if max_grad_norm > 0 else float("inf")))
+        optimizer.step(i)
+        if ema:
+            ema.update(i)
+
+    for i, p in enumerate(params):
+        p.register_post_accumulate_grad_hook(lambda p, i=i: step(p, i))
+    return norms
+
+
 def setup_distributed(c):
     """Under torchrun: join the process group (NCCL on GPUs, gloo on CPU), one GPU per process.
     Returns (rank, world size); (0, 1) for a plain `python train.py`."""
@@ -270,7 +289,8 @@ def setup_distributed(c):
     if c.device.startswith("cuda"):
         c.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(c.device)
-    dist.init_process_group("nccl" if c.device.startswith("cuda") else "gloo")
+    # a long timeout: the other ranks wait at a barrier while rank 0 encodes the whole dataset's caches
+    dist.init_process_group("nccl" if c.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=4))
     return dist.get_rank(), world
 
 
@@ -395,15 +415,7 @@ def train(c):
     groups = [params] if c.train_mode == "lora" else [[p] for p in params]  # full: each tensor steps alone
     optimizer = Optimizer(groups, c.optimizer_type, c.learning_rate, c.weight_decay, c.bf16_update, c.seed)
     ema = EMA(params, c.ema_decay, c.ema_device) if c.ema_decay > 0 else None
-    grad_norms = []
-    if c.fused_backward_pass:
-        def step_in_backward(p, i):
-            grad_norms.append(torch.nn.utils.clip_grad_norm_([p], c.max_grad_norm if c.max_grad_norm > 0 else float("inf")))
-            optimizer.step(i)
-            if ema:
-                ema.update(i)
-        for i, p in enumerate(params):
-            p.register_post_accumulate_grad_hook(lambda p, i=i: step_in_backward(p, i))
+    grad_norms = fuse_steps_into_backward(params, optimizer, c.max_grad_norm, ema) if c.fused_backward_pass else None
     batches_per_epoch = ds.len_batches(c.train_batch_size * world)
     steps_per_epoch = math.ceil(batches_per_epoch / c.gradient_accumulation_steps)
     total_steps = c.max_train_steps or c.max_train_epochs * steps_per_epoch

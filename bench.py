@@ -1,0 +1,279 @@
+"""
+Benchmark one step of training and sampling on one GPU: ours and diffusers' Lumina2Transformer2DModel,
+on the same random 2B weights and the same inputs, in the same run. Prints one table (ms, TFLOP/s, MFU
+against a bf16 matmul ceiling measured here, peak GB, ratio to diffusers) and the GPU correctness checks
+(bf16 vs fp32, ours vs diffusers), and writes it all to bench.json.
+
+Cases: LoRA rank 16 at bs 1 without and with checkpointing and at bs 4 with it; full fine-tuning at bs 1
+(Adafactor + bf16 stochastic rounding + step fused into backward + checkpointing: the 16 GB recipe; and
+AdamW with the step after backward); the CFG sampling step (cond + uncond as one batch of 2). Diffusers
+runs LoRA-like (base frozen, x_embedder trainable, so backward reaches the input) and its CFG step.
+Model FLOPs come from torch's FlopCounterMode on our forward; training counts 2x forward (frozen base:
+no weight gradients) or 3x (full), never the recomputation of checkpointing.
+
+    python bench.py                                    # H200: 2B, 1024^2, captions 256 padded / 120 valid
+    python bench.py --iters=20 --side=512
+    python bench.py --smoke=True                       # one 2304-wide layer, 64^2, CPU: checks the script runs
+"""
+import json
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import lora
+import lumina2
+import train
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+device = "cuda" if torch.cuda.is_available() else "cpu"
+side = 1024  # image side in pixels: (side / 16)^2 image tokens
+cap_len = 256  # caption features padded to this length ...
+cap_valid = 120  # ... of which this many are valid (the uncond caption: cap_valid // 4)
+iters = 10  # timed steps per case, after `warmup` untimed ones
+warmup = 3
+attention = "sdpa"
+diffusers = True  # also time diffusers' Lumina2Transformer2DModel (needs the diffusers package)
+smoke = False  # a one-layer 2304-wide model at 64^2 on CPU, one step per case: checks that every case runs
+out = "bench.json"
+# -----------------------------------------------------------------------------
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gb():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def timed(step, n, warm):
+    """Mean wall time of step() in ms over n calls after warm calls, and the peak memory during them."""
+    for _ in range(warm):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return (time.perf_counter() - t) / n * 1e3, peak_gb()
+
+
+def matmul_ceiling(dev):
+    """bf16 TFLOP/s of a large square matmul: the ceiling MFU is quoted against."""
+    n = 8192 if dev.startswith("cuda") else 1024
+    a, b = torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    ms, _ = timed(lambda: a @ b, 20 if dev.startswith("cuda") else 2, 3 if dev.startswith("cuda") else 1)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def dit_config(c):
+    cfg = dict(lumina2.DIT_PRESETS["2b"])
+    if c.smoke:  # the real width and heads (diffusers' converter hard-codes them), one layer each, a 64-wide FFN
+        cfg.update(n_layers=1, n_refiner_layers=1, multiple_of=64, ffn_dim_multiplier=64 / (4 * 2304))
+    return cfg
+
+
+def random_weights(cfg, seed=0):
+    """Random bf16 weights on the CPU, the scale of a trained model's (std 0.02; norm scales 1)."""
+    with torch.device("meta"):
+        m = lumina2.NextDiT(**cfg)
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.ones(v.shape) if "norm" in k else torch.randn(v.shape, generator=g) * 0.02).to(torch.bfloat16)
+            for k, v in m.state_dict().items()}
+
+
+def our_model(cfg, sd, dev, dtype=torch.bfloat16):
+    with torch.device("meta"):
+        m = lumina2.NextDiT(**cfg)
+    m.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    return m.to(dev).requires_grad_(False)
+
+
+def diffusers_model(cfg, sd, dev):
+    from diffusers import Lumina2Transformer2DModel
+    from diffusers.utils import logging
+    logging.set_verbosity_error()  # its advice on casting with .to() concerns from_pretrained, not this
+    from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
+    with torch.device("meta"):
+        m = Lumina2Transformer2DModel(hidden_size=cfg["dim"], num_layers=cfg["n_layers"], num_refiner_layers=cfg["n_refiner_layers"],
+                                      num_attention_heads=cfg["n_heads"], num_kv_heads=cfg["n_kv_heads"],
+                                      multiple_of=cfg["multiple_of"], ffn_dim_multiplier=cfg["ffn_dim_multiplier"],
+                                      cap_feat_dim=cfg["cap_feat_dim"], in_channels=16)
+    m.load_state_dict(convert_lumina2_to_diffusers(dict(sd)), strict=True, assign=True)
+    # its RoPE table is a plain attribute computed in __init__, so it is rebuilt off the meta device
+    m.rope_embedder = type(m.rope_embedder)(theta=10000, axes_dim=list(cfg["axes_dims"]), axes_lens=list(cfg["axes_lens"]), patch_size=2)
+    return m.to(dev, torch.bfloat16).requires_grad_(False)
+
+
+def inputs(c, cfg, bs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    h = c.side // 8
+    x0, noise = torch.randn(bs, 16, h, h, generator=g), torch.randn(bs, 16, h, h, generator=g)
+    cap = torch.randn(bs, c.cap_len, cfg["cap_feat_dim"], generator=g).bfloat16()
+    mask = torch.arange(c.cap_len)[None].expand(bs, -1) < c.cap_valid
+    sigma = torch.rand(bs, generator=g)
+    return [v.to(c.device) for v in (x0, noise, cap, mask, sigma)]
+
+
+def forward_flops(model, x, t, cap, mask):
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x, t, cap, mask)
+    return fc.get_total_flops()
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def lora_step(c, cfg, sd, bs, ckpt):
+    model = our_model(cfg, sd, c.device)
+    lora.inject(model, rank=16, alpha=16)
+    if ckpt:
+        train.enable_checkpointing(model)
+    params = lora.lora_parameters(model)
+    opt = train.Optimizer([params], "AdamW", 1e-4, 0.01, "stochastic", 0)
+    x0, noise, cap, mask, sigma = inputs(c, cfg, bs)
+
+    def step():
+        train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(0)
+    return timed(step, c.iters, c.warmup)
+
+
+def full_step(c, cfg, sd, kind, fused):
+    """Full fine-tuning at bs 1 with checkpointing, bf16 weights + stochastic rounding, as train.py runs it."""
+    model = our_model(cfg, sd, c.device)
+    model.requires_grad_(True).norm_final.requires_grad_(False)
+    train.enable_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = train.Optimizer([[p] for p in params], kind, 1e-5 if kind == "AdamW" else 5e-4, 0.0, "stochastic", 0)
+    if fused:
+        train.fuse_steps_into_backward(params, opt, max_grad_norm=1.0)
+    x0, noise, cap, mask, sigma = inputs(c, cfg, 1)
+
+    def step():
+        train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
+        if not fused:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for i in range(len(params)):
+                opt.step(i)
+    return timed(step, c.iters, c.warmup)
+
+
+def cfg_inputs(c, cfg):
+    """cond (cap_valid tokens) and uncond (cap_valid // 4) as one batch of 2, the same latent twice."""
+    x0, _, cap, mask, _ = inputs(c, cfg, 2)
+    mask[1] = torch.arange(c.cap_len, device=c.device) < c.cap_valid // 4
+    return x0[:1], cap, mask
+
+
+@torch.no_grad()
+def cfg_step(c, cfg, sd):
+    import sample
+    model = our_model(cfg, sd, c.device)
+    x, cap, mask = cfg_inputs(c, cfg)
+    return timed(lambda: sample.cfg_velocity(model, x, 0.5, (cap[:1], mask[:1]), (cap[1:], mask[1:]), 4.0), c.iters, c.warmup)
+
+
+def diffusers_lora_step(c, cfg, sd, bs, ckpt):
+    """LoRA-like in diffusers: the base frozen, x_embedder trainable, so backward runs through every block."""
+    ref = diffusers_model(cfg, sd, c.device)
+    ref.x_embedder.requires_grad_(True)
+    if ckpt:
+        ref.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(ref.x_embedder.parameters(), lr=1e-4)
+    x0, noise, cap, mask, sigma = inputs(c, cfg, bs)
+
+    def step():
+        s = sigma.view(-1, 1, 1, 1)
+        v = ref(((1 - s) * x0 + s * noise).bfloat16(), 1 - sigma, cap, mask, return_dict=False)[0]
+        torch.nn.functional.mse_loss(v.float(), x0 - noise).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return timed(step, c.iters, c.warmup)
+
+
+@torch.no_grad()
+def diffusers_cfg_step(c, cfg, sd):
+    ref = diffusers_model(cfg, sd, c.device)
+    x, cap, mask = cfg_inputs(c, cfg)
+    t = torch.full((2,), 0.5, device=c.device)
+    return timed(lambda: ref(x.repeat(2, 1, 1, 1).bfloat16(), t, cap, mask, return_dict=False)[0], c.iters, c.warmup)
+
+
+def main(argv=None):
+    c = SimpleNamespace(**configure(dict(globals()), argv))
+    if c.smoke:
+        c.device, c.side, c.cap_len, c.cap_valid, c.iters, c.warmup = "cpu", 64, 16, 8, 1, 1
+    lumina2.ATTENTION = c.attention
+    cfg = dit_config(c)
+    sd = random_weights(cfg)
+    ceiling = matmul_ceiling(c.device)
+    name = torch.cuda.get_device_name() if c.device.startswith("cuda") else "cpu"
+    print(f"{name}, torch {torch.__version__}, {c.side}^2, captions {c.cap_len} padded / {c.cap_valid} valid, "
+          f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
+
+    # correctness on this device: bf16 vs fp32 of the same weights, ours vs diffusers; and the model FLOPs
+    checks = {}
+    x0, noise, cap, mask, sigma = inputs(c, cfg, 1)
+    with torch.no_grad():
+        model = our_model(cfg, sd, c.device)
+        v_bf16 = model(x0, 1 - sigma, cap, mask)
+        fwd1 = forward_flops(model, x0, 1 - sigma, cap, mask)
+        x, cap2, mask2 = cfg_inputs(c, cfg)
+        fwd2 = forward_flops(model, x.repeat(2, 1, 1, 1), torch.full((2,), 0.5, device=c.device), cap2, mask2)
+        model = our_model(cfg, sd, c.device, torch.float32)
+        checks["bf16_vs_fp32"] = rel_err(v_bf16, model(x0, 1 - sigma, cap.float(), mask))
+        model = None
+        if c.diffusers:
+            ref = diffusers_model(cfg, sd, c.device)
+            checks["ours_vs_diffusers_bf16"] = rel_err(v_bf16, ref(x0.bfloat16(), 1 - sigma, cap, mask, return_dict=False)[0])
+            ref = None
+    print("  checks: " + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()))
+
+    rows = []
+
+    def run(case, impl, fn, *args, flops):
+        reset_peak()
+        ms, gb = fn(c, cfg, sd, *args)
+        tf = flops / (ms * 1e-3) / 1e12
+        rows.append(dict(case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb))
+        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GB", flush=True)
+
+    for bs, ckpt in [(1, False), (1, True), (4, True)]:
+        run(f"LoRA r16 bs{bs}{' ckpt' if ckpt else ''}", "ours", lora_step, bs, ckpt, flops=2 * fwd1 * bs)
+    run("full bs1 ckpt Adafactor SR fused", "ours", full_step, "Adafactor", True, flops=3 * fwd1)
+    run("full bs1 ckpt AdamW SR", "ours", full_step, "AdamW", False, flops=3 * fwd1)
+    run("CFG step (batch 2)", "ours", cfg_step, flops=fwd2)
+    if c.diffusers:
+        for bs, ckpt in [(1, False), (1, True), (4, True)]:
+            run(f"LoRA r16 bs{bs}{' ckpt' if ckpt else ''}", "diffusers", diffusers_lora_step, bs, ckpt, flops=2 * fwd1 * bs)
+        run("CFG step (batch 2)", "diffusers", diffusers_cfg_step, flops=fwd2)
+        theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers"}
+        for r in rows:
+            r["ratio_to_diffusers"] = r["ms"] / theirs[r["case"]] if r["impl"] == "ours" and r["case"] in theirs else None
+        print("  ours / diffusers: " + ", ".join(f"{r['case']} {r['ratio_to_diffusers']:.2f}" for r in rows if r.get("ratio_to_diffusers")))
+
+    result = dict(device=name, torch=torch.__version__, side=c.side, cap_len=c.cap_len, cap_valid=c.cap_valid,
+                  matmul_tflops=ceiling, forward_flops_bs1=fwd1, checks=checks, rows=rows, date=time.strftime("%Y-%m-%d"))
+    tmp = c.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, c.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
