@@ -20,7 +20,7 @@ import data
 import lumina2
 import train
 from test_parity import full_width_config
-from test_train import memorisation_error, one_image_dataset, run
+from test_train import killed_then_resumed, memorisation_error, one_image_dataset, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -158,17 +158,7 @@ def test_full_resume_is_bit_exact(weights, tmp_path, monkeypatch):
                      "--ema_decay=0.9", "--train_batch_size=2", "--caption_dropout_rate=0.3", "--learning_rate=1e-2",
                      "--lr_scheduler=cosine", "--max_train_steps=6", "--save_every_n_steps=3")
     whole = run(weights, tmp_path / "a", *args)
-    saved = train.save_atomic
-
-    def save_then_die(obj, path):
-        saved(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_atomic", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(weights, tmp_path / "b", *args)
-    monkeypatch.undo()
-    resumed = run(weights, tmp_path / "b", *args, "--resume=True")
+    resumed = killed_then_resumed(weights, tmp_path / "b", monkeypatch, args)
     for name in ["t.safetensors", "t-ema.safetensors"]:
         a, b = load_file(tmp_path / "a" / "out" / name), load_file(tmp_path / "b" / "out" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -123,23 +123,28 @@ def test_memorisation(weights, tmp_path, monkeypatch, mode, extra):
         assert broken > 3 * after
 
 
+def killed_then_resumed(weights, tmp_path, monkeypatch, args):
+    """Run, killed right after its first state file is written (the step-3 checkpoint), then resume it."""
+    saved = train.save_atomic
+
+    def save_then_die(obj, path):
+        saved(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(weights, tmp_path, *args)
+    monkeypatch.undo()
+    return run(weights, tmp_path, *args, "--resume=True")
+
+
 def test_resume_is_bit_exact(weights, tmp_path, monkeypatch):
     folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
     args = [f"--train_data_dir={folder}", "--train_batch_size=2", "--caption_dropout_rate=0.3", "--network_dim=4",
             "--learning_rate=1e-3", "--lr_scheduler=cosine", "--network_dropout=0.1", "--gradient_accumulation_steps=2",
             "--max_train_steps=6", "--save_every_n_steps=3"]
     full = run(weights, tmp_path / "a", *args)
-    saved = train.save_atomic
-
-    def save_then_die(obj, path):  # the run is killed right after its step-3 checkpoint
-        saved(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_atomic", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(weights, tmp_path / "b", *args)
-    monkeypatch.undo()
-    resumed = run(weights, tmp_path / "b", *args, "--resume=True")
+    resumed = killed_then_resumed(weights, tmp_path / "b", monkeypatch, args)
     from safetensors.torch import load_file
     a, b = load_file(full["lora"]), load_file(resumed["lora"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
