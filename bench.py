@@ -48,7 +48,7 @@ def sync():
 
 
 def peak_gb():
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None  # not tracked on CPU
 
 
 def reset_peak():
@@ -250,7 +250,7 @@ def main(argv=None):
         ms, gb = fn(c, cfg, sd, *args)
         tf = flops / (ms * 1e-3) / 1e12
         rows.append(dict(case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb))
-        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GB", flush=True)
+        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {'-' if gb is None else f'{gb:.2f}'} GB", flush=True)
 
     for bs, ckpt in [(1, False), (1, True), (4, True)]:
         run(f"LoRA r16 bs{bs}{' ckpt' if ckpt else ''}", "ours", lora_step, bs, ckpt, flops=2 * fwd1 * bs)
