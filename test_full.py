@@ -246,8 +246,8 @@ def trained_params(out, fsdp):
 
 
 @pytest.mark.parametrize("mode,extra", [("lora", ["--gradient_accumulation_steps=2", "--network_dim=4"]),
-                                        ("full", ["--parallel=ddp"]),
-                                        ("full", ["--parallel=fsdp", "--gradient_checkpointing=True"])])
+                                        ("full", ["--parallel=ddp", "--ema_decay=0.9"]),
+                                        ("full", ["--parallel=fsdp", "--gradient_checkpointing=True", "--ema_decay=0.9"])])
 def test_two_processes_equal_one_with_the_combined_batch(weights, tmp_path, mode, extra):
     """13 images in 3 aspect buckets (5/4/4) cut into global batches of 4: a short batch of 1 leaves one rank
     with no sample (it runs with weight 0), the others split evenly. Noise and sigma are drawn per global batch,
@@ -277,6 +277,11 @@ def test_two_processes_equal_one_with_the_combined_batch(weights, tmp_path, mode
     assert err < 5e-5
     files = sorted(p.name for p in two.iterdir() if p.is_file())
     want = ["t-log.jsonl", "t.safetensors"] + (["t-state-rank0.pt", "t-state-rank1.pt"] if fsdp else ["t-state.pt"])
+    if mode == "full":  # the EMA file (bf16): the same up to a bf16 step where fp32 noise crosses a rounding boundary
+        want.append("t-ema.safetensors")
+        e1, e2 = load_file(one / "t-ema.safetensors"), load_file(two / "t-ema.safetensors")
+        assert e1.keys() == e2.keys()
+        assert all(((e1[k].float() - e2[k].float()).abs() <= e1[k].float().abs() * 2 ** -7).all() for k in e1)
     assert files == sorted(want), files
     assert sorted(os.listdir(two / "samples")) == ["t-final.png"]
 

@@ -414,7 +414,8 @@ def train(c):
     params = lora.lora_parameters(model) if c.train_mode == "lora" else [p for p in model.parameters() if p.requires_grad]
     groups = [params] if c.train_mode == "lora" else [[p] for p in params]  # full: each tensor steps alone
     optimizer = Optimizer(groups, c.optimizer_type, c.learning_rate, c.weight_decay, c.bf16_update, c.seed)
-    ema = EMA(params, c.ema_decay, c.ema_device) if c.ema_decay > 0 else None
+    # DDP replicas are identical, so one EMA (rank 0's) is enough; FSDP2 keeps each rank's shard's
+    ema = EMA(params, c.ema_decay, c.ema_device) if c.ema_decay > 0 and (rank == 0 or c.parallel == "fsdp") else None
     grad_norms = fuse_steps_into_backward(params, optimizer, c.max_grad_norm, ema) if c.fused_backward_pass else None
     batches_per_epoch = ds.len_batches(c.train_batch_size * world)
     steps_per_epoch = math.ceil(batches_per_epoch / c.gradient_accumulation_steps)
