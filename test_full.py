@@ -143,6 +143,26 @@ def test_fused_backward_equals_the_step_after_backward(weights, tmp_path, extra)
     assert not torch.equal(a["x_embedder.weight"], load_file(weights["dit"])["x_embedder.weight"].to(a["x_embedder.weight"].dtype))
 
 
+def test_fused_backward_never_holds_the_whole_models_gradients(weights, tmp_path, monkeypatch):
+    """Count, at every tensor step, how many trained tensors hold a gradient: exactly one with the
+    fused step (backward reaches each tensor once), all of them in the plain path."""
+    folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
+    step, held = train.Optimizer.step, []
+
+    def counting_step(self, i):
+        held.append(sum(p.grad is not None for g in self.groups for p in g))
+        step(self, i)
+
+    monkeypatch.setattr(train.Optimizer, "step", counting_step)
+    args = full_args(folder, "--mixed_precision=bf16", "--train_batch_size=2", "--max_train_steps=2", "--gradient_checkpointing=True")
+    n = sum(p.requires_grad for p in run(weights, tmp_path / "a", *args, "--fused_backward_pass=True")["model"].parameters())
+    fused = max(held)
+    held.clear()
+    run(weights, tmp_path / "b", *args)
+    print(f"trained tensors holding a gradient at a step: fused at most {fused} of {n}; plain {max(held)} of {n}")
+    assert fused == 1 and max(held) == n
+
+
 def test_fused_backward_needs_full_mode_one_process_no_accumulation(weights, tmp_path):
     with pytest.raises(SystemExit, match="fused_backward_pass needs"):
         run(weights, tmp_path, f"--train_data_dir={tmp_path}", "--fused_backward_pass=True")
