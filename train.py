@@ -302,10 +302,11 @@ def parallelize(model, c, world):
     if c.parallel == "fsdp":
         if c.train_mode != "full":
             raise SystemExit("parallel='fsdp' is for train_mode='full'; LoRA training uses 'ddp'")
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # bf16 gradients are summed across ranks in fp32
         for block in [*model.context_refiner, *model.noise_refiner, *model.layers]:
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
     if c.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None,
