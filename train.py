@@ -370,6 +370,7 @@ def train(c):
     lumina2.ATTENTION = c.attention
     dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
     rank, world = setup_distributed(c)
+    fsdp = world > 1 and c.parallel == "fsdp"  # every rank holds a shard: saving gathers, each rank keeps its own state
     os.makedirs(c.output_dir, exist_ok=True)
     torch.manual_seed(c.seed)
     random.seed(c.seed)
@@ -416,7 +417,7 @@ def train(c):
     groups = [params] if c.train_mode == "lora" else [[p] for p in params]  # full: each tensor steps alone
     optimizer = Optimizer(groups, c.optimizer_type, c.learning_rate, c.weight_decay, c.bf16_update, c.seed)
     # DDP replicas are identical, so one EMA (rank 0's) is enough; FSDP2 keeps each rank's shard's
-    ema = EMA(params, c.ema_decay, c.ema_device) if c.ema_decay > 0 and (rank == 0 or c.parallel == "fsdp") else None
+    ema = EMA(params, c.ema_decay, c.ema_device) if c.ema_decay > 0 and (rank == 0 or fsdp) else None
     grad_norms = fuse_steps_into_backward(params, optimizer, c.max_grad_norm, ema) if c.fused_backward_pass else None
     batches_per_epoch = ds.len_batches(c.train_batch_size * world)
     steps_per_epoch = math.ceil(batches_per_epoch / c.gradient_accumulation_steps)
@@ -427,8 +428,7 @@ def train(c):
         print(f"{c.train_mode}: {sum(p.numel() for p in params):,} trainable params; {len(ds)} images, "
               f"{batches_per_epoch} batches/epoch of {c.train_batch_size} x {world} process(es), {total_steps} steps")
 
-    # full mode under FSDP2 has each rank's shard to save; otherwise rank 0 saves for everyone
-    state_path = os.path.join(c.output_dir, f"{c.output_name}-state{f'-rank{rank}' if c.parallel == 'fsdp' and world > 1 else ''}.pt")
+    state_path = os.path.join(c.output_dir, f"{c.output_name}-state{f'-rank{rank}' if fsdp else ''}.pt")
     step, epoch, batch_in_epoch = 0, 0, 0
     if c.resume:
         if not os.path.exists(state_path):
@@ -451,8 +451,8 @@ def train(c):
         if c.train_mode == "lora":
             if rank == 0:
                 lora.save_lora(model, path, layout=c.save_layout, metadata=meta)
-        else:  # the whole model under the original keys, bf16, loadable by load_dit, ComfyUI and sd-scripts
-            sd = full_state_dict(model)
+        elif rank == 0 or fsdp:  # the whole model under the original keys, bf16, for load_dit, ComfyUI, sd-scripts
+            sd = full_state_dict(model)  # under FSDP2 a collective: every rank gathers
             if rank == 0:
                 lumina2.save_file_atomic(sd, path, metadata=meta)
 
@@ -467,7 +467,7 @@ def train(c):
         if ema:
             with ema.swapped_in():
                 save_weights(path.replace(".safetensors", "-ema.safetensors"), {**meta, "ss_ema_decay": str(c.ema_decay)})
-        if rank == 0 or "-rank" in state_path:
+        if rank == 0 or fsdp:
             save_atomic({"params": [local(p).detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
                          "ema": [e.cpu() for e in ema.shadow] if ema else None, "noise_gen": noise_gen.get_state(),
                          "rng": rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
