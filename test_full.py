@@ -163,6 +163,12 @@ def test_fused_backward_never_holds_the_whole_models_gradients(weights, tmp_path
     assert fused == 1 and max(held) == n
 
 
+def test_adafactor_with_an_absolute_learning_rate_warns(weights, tmp_path):
+    folder = data.make_demo_dataset(str(tmp_path / "img"), n=2)
+    with pytest.warns(UserWarning, match="5e-4"):
+        run(weights, tmp_path, *full_args(folder, "--optimizer_type=Adafactor", "--learning_rate=1e-5", "--max_train_steps=1"))
+
+
 def test_fused_backward_needs_full_mode_one_process_no_accumulation(weights, tmp_path):
     with pytest.raises(SystemExit, match="fused_backward_pass needs"):
         run(weights, tmp_path, f"--train_data_dir={tmp_path}", "--fused_backward_pass=True")

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -367,6 +368,9 @@ def train(c):
     if c.fused_backward_pass and (c.train_mode != "full" or c.gradient_accumulation_steps != 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1):
         raise SystemExit("fused_backward_pass needs train_mode='full', gradient_accumulation_steps=1 and one process "
                          "(the step runs inside backward, before gradients could be accumulated or averaged)")
+    if c.optimizer_type == "Adafactor" and c.learning_rate < 1e-4:
+        warnings.warn(f"learning_rate={c.learning_rate} with torch's Adafactor caps each step at that fraction of the "
+                      "weight's RMS (about 0.02 here): sd-scripts' absolute 1e-5 corresponds to about 5e-4")
     lumina2.ATTENTION = c.attention
     dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
     rank, world = setup_distributed(c)
