@@ -8,12 +8,15 @@ Cases: LoRA rank 16 at bs 1 without and with checkpointing and at bs 4 with it; 
 (Adafactor + bf16 stochastic rounding + step fused into backward + checkpointing: the 16 GB recipe; and
 AdamW with the step after backward); the CFG sampling step (cond + uncond as one batch of 2). Diffusers
 runs LoRA-like (base frozen, x_embedder trainable, so backward reaches the input) and its CFG step.
-Model FLOPs come from torch's FlopCounterMode on our forward; training counts 2x forward (frozen base:
-no weight gradients) or 3x (full), never the recomputation of checkpointing.
+Model FLOPs come from torch's FlopCounterMode on our forward (a 1- and a 2-layer model, extrapolated to all
+layers, which are identical); training counts 2x forward (frozen base: no weight gradients) or 3x (full),
+never the recomputation of checkpointing. Peak memory is the CUDA allocator's peak per case; on a CPU it
+is the process's peak RSS since start, so run one case at a time there.
 
     python bench.py                                    # H200: 2B, 1024^2, captions 256 padded / 120 valid
-    python bench.py --iters=20 --side=512
+    python bench.py --iters=20 --side=512 --cases='["full_adafactor_fused"]'
     python bench.py --smoke=True                       # one 2304-wide layer, 64^2, CPU: checks the script runs
+    python bench.py --device=cpu --side=1024 --cases='["full_adafactor_fused"]' --checks=False --diffusers=False --iters=1 --warmup=0
 """
 import json
 import os
@@ -37,6 +40,8 @@ iters = 10  # timed steps per case, after `warmup` untimed ones
 warmup = 3
 attention = "sdpa"
 diffusers = True  # also time diffusers' Lumina2Transformer2DModel (needs the diffusers package)
+cases = []  # a subset of CASES by name; [] = all
+checks = True  # bf16 vs fp32 and ours vs diffusers on this device first
 smoke = False  # a one-layer 2304-wide model at 64^2 on CPU, one step per case: checks that every case runs
 out = "bench.json"
 # -----------------------------------------------------------------------------
@@ -48,7 +53,10 @@ def sync():
 
 
 def peak_gb():
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None  # not tracked on CPU
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS since start (KiB)
 
 
 def reset_peak():
@@ -126,10 +134,18 @@ def inputs(c, cfg, bs, seed=1):
     return [v.to(c.device) for v in (x0, noise, cap, mask, sigma)]
 
 
-def forward_flops(model, x, t, cap, mask):
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(x, t, cap, mask)
-    return fc.get_total_flops()
+def forward_flops(cfg, dev, x, t, cap, mask):
+    """FLOPs of one forward of the full-depth model, counted on a 1- and a 2-layer model (cheap anywhere):
+    the layers are identical, so flops(n) = flops(1) + (n - 1) (flops(2) - flops(1))."""
+    counts = []
+    for n in (1, 2):
+        with torch.device("meta"):
+            m = lumina2.NextDiT(**dict(cfg, n_layers=n))
+        m = m.to_empty(device=dev).to(torch.bfloat16)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(x, t, cap, mask)
+        counts.append(fc.get_total_flops())
+    return counts[0] + (cfg["n_layers"] - 1) * (counts[1] - counts[0])
 
 
 def rel_err(a, b):
@@ -213,10 +229,40 @@ def diffusers_cfg_step(c, cfg, sd):
     return timed(lambda: ref(x.repeat(2, 1, 1, 1).bfloat16(), t, cap, mask, return_dict=False)[0], c.iters, c.warmup)
 
 
+CASES = {  # name -> (case label, implementation, function, its arguments, model FLOPs in forwards at bs 1)
+    "lora_bs1": ("LoRA r16 bs1", "ours", lora_step, (1, False), 2),
+    "lora_bs1_ckpt": ("LoRA r16 bs1 ckpt", "ours", lora_step, (1, True), 2),
+    "lora_bs4_ckpt": ("LoRA r16 bs4 ckpt", "ours", lora_step, (4, True), 8),
+    "full_adafactor_fused": ("full bs1 ckpt Adafactor SR fused", "ours", full_step, ("Adafactor", True), 3),
+    "full_adamw": ("full bs1 ckpt AdamW SR", "ours", full_step, ("AdamW", False), 3),
+    "cfg": ("CFG step (batch 2)", "ours", cfg_step, (), None),
+    "diffusers_lora_bs1": ("LoRA r16 bs1", "diffusers", diffusers_lora_step, (1, False), 2),
+    "diffusers_lora_bs1_ckpt": ("LoRA r16 bs1 ckpt", "diffusers", diffusers_lora_step, (1, True), 2),
+    "diffusers_lora_bs4_ckpt": ("LoRA r16 bs4 ckpt", "diffusers", diffusers_lora_step, (4, True), 8),
+    "diffusers_cfg": ("CFG step (batch 2)", "diffusers", diffusers_cfg_step, (), None),
+}
+
+
+def run_checks(c, cfg, sd):
+    """bf16 vs fp32 forward of the same weights, and ours vs diffusers in bf16, on this device."""
+    checks = {}
+    x0, noise, cap, mask, sigma = inputs(c, cfg, 1)
+    with torch.no_grad():
+        v_bf16 = our_model(cfg, sd, c.device)(x0, 1 - sigma, cap, mask)
+        checks["bf16_vs_fp32"] = rel_err(v_bf16, our_model(cfg, sd, c.device, torch.float32)(x0, 1 - sigma, cap.float(), mask))
+        if c.diffusers:
+            ref = diffusers_model(cfg, sd, c.device)
+            checks["ours_vs_diffusers_bf16"] = rel_err(v_bf16, ref(x0.bfloat16(), 1 - sigma, cap, mask, return_dict=False)[0])
+    return checks
+
+
 def main(argv=None):
     c = SimpleNamespace(**configure(dict(globals()), argv))
     if c.smoke:
         c.device, c.side, c.cap_len, c.cap_valid, c.iters, c.warmup = "cpu", 64, 16, 8, 1, 1
+    unknown = set(c.cases) - set(CASES)
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}; known: {list(CASES)}")
     lumina2.ATTENTION = c.attention
     cfg = dit_config(c)
     sd = random_weights(cfg)
@@ -224,47 +270,28 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if c.device.startswith("cuda") else "cpu"
     print(f"{name}, torch {torch.__version__}, {c.side}^2, captions {c.cap_len} padded / {c.cap_valid} valid, "
           f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
-
-    # correctness on this device: bf16 vs fp32 of the same weights, ours vs diffusers; and the model FLOPs
-    checks = {}
-    x0, noise, cap, mask, sigma = inputs(c, cfg, 1)
-    with torch.no_grad():
-        model = our_model(cfg, sd, c.device)
-        v_bf16 = model(x0, 1 - sigma, cap, mask)
-        fwd1 = forward_flops(model, x0, 1 - sigma, cap, mask)
-        x, cap2, mask2 = cfg_inputs(c, cfg)
-        fwd2 = forward_flops(model, x.repeat(2, 1, 1, 1), torch.full((2,), 0.5, device=c.device), cap2, mask2)
-        model = our_model(cfg, sd, c.device, torch.float32)
-        checks["bf16_vs_fp32"] = rel_err(v_bf16, model(x0, 1 - sigma, cap.float(), mask))
-        model = None
-        if c.diffusers:
-            ref = diffusers_model(cfg, sd, c.device)
-            checks["ours_vs_diffusers_bf16"] = rel_err(v_bf16, ref(x0.bfloat16(), 1 - sigma, cap, mask, return_dict=False)[0])
-            ref = None
-    print("  checks: " + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()))
+    checks = run_checks(c, cfg, sd) if c.checks else {}
+    if checks:
+        print("  checks: " + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()))
+    x0, _, cap, mask, sigma = inputs(c, cfg, 1)
+    fwd1 = forward_flops(cfg, c.device, x0, 1 - sigma, cap, mask)
+    x, cap2, mask2 = cfg_inputs(c, cfg)
+    fwd_cfg = forward_flops(cfg, c.device, x.repeat(2, 1, 1, 1), torch.full((2,), 0.5, device=c.device), cap2, mask2)
 
     rows = []
-
-    def run(case, impl, fn, *args, flops):
+    for key, (case, impl, fn, args, forwards) in CASES.items():
+        if c.cases and key not in c.cases or impl == "diffusers" and not c.diffusers:
+            continue
         reset_peak()
         ms, gb = fn(c, cfg, sd, *args)
-        tf = flops / (ms * 1e-3) / 1e12
+        tf = (fwd_cfg if forwards is None else forwards * fwd1) / (ms * 1e-3) / 1e12
         rows.append(dict(case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb))
-        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {'-' if gb is None else f'{gb:.2f}'} GB", flush=True)
-
-    for bs, ckpt in [(1, False), (1, True), (4, True)]:
-        run(f"LoRA r16 bs{bs}{' ckpt' if ckpt else ''}", "ours", lora_step, bs, ckpt, flops=2 * fwd1 * bs)
-    run("full bs1 ckpt Adafactor SR fused", "ours", full_step, "Adafactor", True, flops=3 * fwd1)
-    run("full bs1 ckpt AdamW SR", "ours", full_step, "AdamW", False, flops=3 * fwd1)
-    run("CFG step (batch 2)", "ours", cfg_step, flops=fwd2)
-    if c.diffusers:
-        for bs, ckpt in [(1, False), (1, True), (4, True)]:
-            run(f"LoRA r16 bs{bs}{' ckpt' if ckpt else ''}", "diffusers", diffusers_lora_step, bs, ckpt, flops=2 * fwd1 * bs)
-        run("CFG step (batch 2)", "diffusers", diffusers_cfg_step, flops=fwd2)
-        theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers"}
-        for r in rows:
-            r["ratio_to_diffusers"] = r["ms"] / theirs[r["case"]] if r["impl"] == "ours" and r["case"] in theirs else None
-        print("  ours / diffusers: " + ", ".join(f"{r['case']} {r['ratio_to_diffusers']:.2f}" for r in rows if r.get("ratio_to_diffusers")))
+        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GB", flush=True)
+    theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers"}
+    for r in rows:
+        r["ratio_to_diffusers"] = r["ms"] / theirs[r["case"]] if r["impl"] == "ours" and r["case"] in theirs else None
+    if theirs:
+        print("  ours / diffusers: " + ", ".join(f"{r['case']} {r['ratio_to_diffusers']:.2f}" for r in rows if r["ratio_to_diffusers"]))
 
     result = dict(device=name, torch=torch.__version__, side=c.side, cap_len=c.cap_len, cap_valid=c.cap_valid,
                   matmul_tflops=ceiling, forward_flops_bs1=fwd1, checks=checks, rows=rows, date=time.strftime("%Y-%m-%d"))
