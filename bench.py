@@ -18,6 +18,7 @@ is the process's peak RSS since start, so run one case at a time there.
     python bench.py --smoke=True                       # one 2304-wide layer, 64^2, CPU: checks the script runs
     python bench.py --device=cpu --side=1024 --cases='["full_adafactor_fused"]' --checks=False --diffusers=False --iters=1 --warmup=0
 """
+import gc
 import json
 import os
 import time
@@ -60,6 +61,7 @@ def peak_gb():
 
 
 def reset_peak():
+    gc.collect()  # the fused step's hooks make reference cycles: free the previous case's model before measuring
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
