@@ -288,7 +288,7 @@ def main(argv=None):
         ms, gb = fn(c, cfg, sd, *args)
         tf = (fwd_cfg if forwards is None else forwards * fwd1) / (ms * 1e-3) / 1e12
         rows.append(dict(case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb))
-        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GB", flush=True)
+        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GiB", flush=True)
     theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers"}
     for r in rows:
         r["ratio_to_diffusers"] = r["ms"] / theirs[r["case"]] if r["impl"] == "ours" and r["case"] in theirs else None
