@@ -38,12 +38,18 @@ def bf16_neighbours(x):
     return low, high
 
 
+def rounded(x, g):
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    train.stochastic_round_(out, x, g)
+    return out.float()
+
+
 def test_stochastic_rounding_is_unbiased():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * torch.logspace(-3, 2, 4096)
     low, high = bf16_neighbours(x)
     gap = (high - low).abs()
-    draws = torch.stack([_round(x, g) for _ in range(400)])
+    draws = torch.stack([rounded(x, g) for _ in range(400)])
     assert ((draws == low) | (draws == high)).all()  # always one of the two neighbours
     p_up = (draws == high).float().mean(0)
     want = ((x - low) / (high - low)).abs()  # the probability of rounding away from zero that makes E = x
@@ -51,12 +57,6 @@ def test_stochastic_rounding_is_unbiased():
     bias = ((draws.mean(0) - x) / gap).mean()
     print(f"stochastic rounding: mean bias over 4096 values = {bias:.4f} bf16 steps (400 draws each)")
     assert abs(bias) < 0.01
-
-
-def _round(x, g):
-    out = torch.empty(x.shape, dtype=torch.bfloat16)
-    train.stochastic_round_(out, x, g)
-    return out.float()
 
 
 def quadratic_run(w0, target, dtype, update, steps=1000, lr=1e-4):
