@@ -311,7 +311,8 @@ def parallelize(model, c, world):
     if c.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None,
-                                       find_unused_parameters=c.module_dropout > 0)  # a dropped LoRA module gets no grad
+                                       find_unused_parameters=c.module_dropout > 0,  # a dropped LoRA module gets no grad
+                                       gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no second copy
     raise SystemExit(f"parallel must be 'ddp' or 'fsdp', got {c.parallel!r}")
 
 
