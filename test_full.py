@@ -8,8 +8,10 @@ converter, and torchrun (gloo, 2 processes on CPU) against one process with the 
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -255,12 +257,22 @@ def test_full_model_file_loads_in_our_loader_and_diffusers(weights, tmp_path):
 # torchrun: 2 processes (gloo, CPU) against 1 process with the combined batch
 
 
-def torchrun(args, nproc=2):
+def torchrun(args, nproc=2, fresh=None):
+    """Launch train.py on nproc gloo processes. Training is deterministic, so a bug fails every launch; a
+    launch that fails is retried once (after emptying `fresh`, the run's output folder, when given) with
+    its output shown as a warning: one in about twenty full-suite runs here lost a launch to the launcher
+    or the transport, not to train.py."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
-    res = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+    for attempt in (1, 2):
+        res = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+        if res.returncode == 0:
+            return res
+        output = res.stdout[-3000:] + res.stderr[-3000:]
+        assert attempt == 1, output
+        warnings.warn(f"torchrun failed once (exit {res.returncode}), retrying:\n{output}")
+        if fresh:
+            shutil.rmtree(fresh, ignore_errors=True)
 
 
 def trained_params(out, fsdp):
@@ -288,7 +300,7 @@ def test_two_processes_equal_one_with_the_combined_batch(weights, tmp_path, mode
     one = tmp_path / "one"
     train.main(common + [f"--output_dir={one}", "--train_batch_size=4", "--parallel=ddp"])
     two = tmp_path / "two"
-    torchrun(common + [f"--output_dir={two}", "--train_batch_size=2"])
+    torchrun(common + [f"--output_dir={two}", "--train_batch_size=2"], fresh=two)
     log_one, log_two = ([json.loads(line) for line in open(d / "t-log.jsonl")] for d in (one, two))
     assert len(log_two) == len(log_one) == 5  # one writer: 5 lines, not 10
     loss_err = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(log_one, log_two))
@@ -331,8 +343,8 @@ def test_fsdp_resume_is_bit_exact(weights, tmp_path):
               "--device=cpu", "--mixed_precision=bf16", "--resolution=64", "--save_every_n_epochs=0", "--max_train_epochs=0",
               "--output_name=t", f"--train_data_dir={folder}", "--train_mode=full", "--parallel=fsdp",
               "--optimizer_type=Adafactor", "--learning_rate=1e-2", "--ema_decay=0.9", "--train_batch_size=2"]
-    torchrun(common + [f"--output_dir={tmp_path / 'a'}", "--max_train_steps=6"])
-    torchrun(common + [f"--output_dir={tmp_path / 'b'}", "--max_train_steps=3"])
+    torchrun(common + [f"--output_dir={tmp_path / 'a'}", "--max_train_steps=6"], fresh=tmp_path / "a")
+    torchrun(common + [f"--output_dir={tmp_path / 'b'}", "--max_train_steps=3"], fresh=tmp_path / "b")
     torchrun(common + [f"--output_dir={tmp_path / 'b'}", "--max_train_steps=6", "--resume=True"])
     for name in ["t.safetensors", "t-ema.safetensors"]:
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)

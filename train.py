@@ -567,6 +567,7 @@ def train(c):
               f"{step} steps in {time.time() - t0:.1f}s, loss (mean of 20 batches) first {mean(losses[:20]):.4f}, "
               f"last {mean(losses[-20:]):.4f}, peak {peak_memory_gb():.2f} GB")
     if world > 1:
+        dist.barrier()  # rank 0 may still be writing: leave together
         dist.destroy_process_group()
     return {"losses": losses, "lora": final, "state": state_path, "log": log_path, "samples": sample_path,
             "model": model, "ema": ema}
