@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lora
 import lumina2
+import sample
 import train
 from configurator import configure
 
@@ -53,13 +54,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def peak_gb():
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS since start (KiB)
-
-
 def reset_peak():
     gc.collect()  # the fused step's hooks make reference cycles: free the previous case's model before measuring
     if torch.cuda.is_available():
@@ -76,7 +70,7 @@ def timed(step, n, warm):
     for _ in range(n):
         step()
     sync()
-    return (time.perf_counter() - t) / n * 1e3, peak_gb()
+    return (time.perf_counter() - t) / n * 1e3, sample.peak_memory_gb()
 
 
 def matmul_ceiling(dev):
@@ -165,8 +159,7 @@ def lora_step(c, cfg, sd, bs, ckpt):
 
     def step():
         train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(0)
+        train.step_after_backward(params, opt, max_grad_norm=1.0)
     return timed(step, c.iters, c.warmup)
 
 
@@ -184,9 +177,7 @@ def full_step(c, cfg, sd, kind, fused):
     def step():
         train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
         if not fused:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for i in range(len(params)):
-                opt.step(i)
+            train.step_after_backward(params, opt, max_grad_norm=1.0)
     return timed(step, c.iters, c.warmup)
 
 
@@ -199,7 +190,6 @@ def cfg_inputs(c, cfg):
 
 @torch.no_grad()
 def cfg_step(c, cfg, sd):
-    import sample
     model = our_model(cfg, sd, c.device)
     x, cap, mask = cfg_inputs(c, cfg)
     return timed(lambda: sample.cfg_velocity(model, x, 0.5, (cap[:1], mask[:1]), (cap[1:], mask[1:]), 4.0), c.iters, c.warmup)

@@ -164,6 +164,13 @@ def place_dit(model, device):
     return model.to(device)
 
 
+def peak_memory_gb():
+    """GiB: the CUDA allocator's peak on a GPU machine, else the process's peak RSS since start."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def next_free_path(out_dir, name):
     """out_dir/NNNNN-name.png with NNNNN one above every existing index, so reruns never overwrite."""
     taken = [int(f[:5]) for f in os.listdir(out_dir) if re.match(r"\d{5}-.*\.png$", f)] if os.path.isdir(out_dir) else []
@@ -295,12 +302,9 @@ def main(argv=None):
         paths.append(next_free_path(c.out_dir, "grid"))
         save_grid(images, paths[-1], dict(images=[os.path.basename(p) for p in paths[:-1]]))
 
-    if c.device.startswith("cuda"):
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB CUDA allocated"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS"
     print("\n".join(paths))
-    print(f"{len(images)} images in {time.time() - start:.1f} s, peak memory {peak}")
+    print(f"{len(images)} images in {time.time() - start:.1f} s, peak memory {peak_memory_gb():.2f} GiB "
+          f"{'CUDA allocated' if torch.cuda.is_available() else 'process RSS'}")
     return paths
 
 

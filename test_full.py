@@ -22,7 +22,7 @@ import data
 import lumina2
 import train
 from test_parity import full_width_config
-from test_train import killed_then_resumed, memorisation_error, one_image_dataset, run
+from test_train import cli_args, killed_then_resumed, memorisation_error, one_image_dataset, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -291,11 +291,10 @@ def test_two_processes_equal_one_with_the_combined_batch(weights, tmp_path, mode
     with no sample (it runs with weight 0), the others split evenly. Noise and sigma are drawn per global batch,
     so both runs see the same numbers and must agree to fp32 summation noise. Only rank 0 writes files."""
     folder = data.make_demo_dataset(str(tmp_path / "img"), n=13)
-    common = [f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
-              "--device=cpu", "--mixed_precision=no", "--resolution=64", "--save_every_n_epochs=0", "--max_train_epochs=0",
-              "--output_name=t", f"--train_data_dir={folder}", f"--train_mode={mode}", "--learning_rate=1e-3",
-              "--max_train_steps=5", "--cache_latents_to_disk=True", "--cache_text_encoder_outputs_to_disk=True",
-              "--sample_prompts=['a red circle']", "--sample_steps=2", "--sample_width=64", "--sample_height=64", *extra]
+    common = cli_args(weights) + [
+        f"--train_data_dir={folder}", f"--train_mode={mode}", "--learning_rate=1e-3", "--max_train_steps=5",
+        "--cache_latents_to_disk=True", "--cache_text_encoder_outputs_to_disk=True",
+        "--sample_prompts=['a red circle']", "--sample_steps=2", "--sample_width=64", "--sample_height=64", *extra]
     fsdp = "--parallel=fsdp" in extra
     one = tmp_path / "one"
     train.main(common + [f"--output_dir={one}", "--train_batch_size=4", "--parallel=ddp"])
@@ -339,10 +338,9 @@ def test_fsdp_resume_is_bit_exact(weights, tmp_path):
     equals 6 steps in one go (constant LR, so stopping at 3 is the same as being killed after that checkpoint).
     Each rank resumes its own shard, optimizer state and rounding generator."""
     folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
-    common = [f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
-              "--device=cpu", "--mixed_precision=bf16", "--resolution=64", "--save_every_n_epochs=0", "--max_train_epochs=0",
-              "--output_name=t", f"--train_data_dir={folder}", "--train_mode=full", "--parallel=fsdp",
-              "--optimizer_type=Adafactor", "--learning_rate=1e-2", "--ema_decay=0.9", "--train_batch_size=2"]
+    common = cli_args(weights) + [
+        "--mixed_precision=bf16", f"--train_data_dir={folder}", "--train_mode=full", "--parallel=fsdp",
+        "--optimizer_type=Adafactor", "--learning_rate=1e-2", "--ema_decay=0.9", "--train_batch_size=2"]
     torchrun(common + [f"--output_dir={tmp_path / 'a'}", "--max_train_steps=6"], fresh=tmp_path / "a")
     torchrun(common + [f"--output_dir={tmp_path / 'b'}", "--max_train_steps=3"], fresh=tmp_path / "b")
     torchrun(common + [f"--output_dir={tmp_path / 'b'}", "--max_train_steps=6", "--resume=True"])

@@ -70,11 +70,16 @@ def one_image_dataset(folder, caption="a red circle on a white background"):
     return folder
 
 
+def cli_args(weights):
+    """The flags every test run starts from (later flags override them): the tiny weights, CPU, fp32, 64 px,
+    no checkpointing, no end-of-epoch saves, output name t."""
+    return [f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
+            "--device=cpu", "--mixed_precision=no", "--resolution=64", "--gradient_checkpointing=False",
+            "--save_every_n_epochs=0", "--max_train_epochs=0", "--output_name=t"]
+
+
 def run(weights, tmp_path, *args):
-    base = [f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
-            f"--output_dir={tmp_path / 'out'}", "--device=cpu", "--mixed_precision=no", "--resolution=64",
-            "--gradient_checkpointing=False", "--save_every_n_epochs=0", "--max_train_epochs=0", "--output_name=t"]
-    return train.main(base + list(args))
+    return train.main(cli_args(weights) + [f"--output_dir={tmp_path / 'out'}", *args])
 
 
 def memorisation_error(weights, tmp_path, model, caption):

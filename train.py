@@ -35,6 +35,7 @@ from tqdm import tqdm
 import data
 import lora
 import lumina2
+import sample
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -98,7 +99,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 attention = "sdpa"  # lumina2.ATTENTION: sdpa | flash | math
 train_mode = "lora"  # "lora" or "full" (every DiT weight trains; saved as a whole model in the original layout)
 bf16_update = "stochastic"  # how a bf16 weight takes its fp32 update: "stochastic" rounding (no extra memory)
-# or "master" (a persistent fp32 master copy, +4 bytes a parameter); measured in test_train.py
+# or "master" (a persistent fp32 master copy, +4 bytes a parameter); measured in test_full.py
 fused_backward_pass = False  # --fused_backward_pass: full mode, one process, no accumulation: each tensor is
 # stepped the moment its gradient is complete and the gradient is freed; max_grad_norm then clips per tensor
 ema_decay = 0.0  # EMA of the trained weights (0 = off), written next to each checkpoint as ...-ema.safetensors
@@ -154,12 +155,17 @@ def lr_lambda(kind, warmup, total):
     return f
 
 
+def blocks(model):
+    """The transformer blocks, the unit of checkpointing and of FSDP2 sharding."""
+    return [*model.context_refiner, *model.noise_refiner, *model.layers]
+
+
 def enable_checkpointing(model):
     """Recompute each block's activations in backward (non-reentrant), set from outside the model:
     the block's forward is wrapped in place, so module names and state_dict keys do not change."""
     from functools import partial
     from torch.utils.checkpoint import checkpoint
-    for block in [*model.context_refiner, *model.noise_refiner, *model.layers]:
+    for block in blocks(model):
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
@@ -263,6 +269,20 @@ class EMA:
                     local(p).copy_(k)
 
 
+def clip_limit(max_grad_norm):
+    return max_grad_norm if max_grad_norm > 0 else float("inf")  # 0 = off; the norm is still computed, for the log
+
+
+def step_after_backward(params, optimizer, max_grad_norm, ema=None):
+    """Clip the global gradient norm, step every group, update the EMA. Returns the pre-clip norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_limit(max_grad_norm))
+    for i in range(len(optimizer.groups)):
+        optimizer.step(i)
+        if ema:
+            ema.update(i)
+    return norm
+
+
 def fuse_steps_into_backward(params, optimizer, max_grad_norm, ema=None):
     """Full mode, params[i] alone in optimizer group i: step each tensor from a post-accumulate-grad hook, the
     moment backward has finished its gradient, and free that gradient, so that the whole model's gradients
@@ -271,7 +291,7 @@ def fuse_steps_into_backward(params, optimizer, max_grad_norm, ema=None):
     norms = []
 
     def step(p, i):
-        norms.append(torch.nn.utils.clip_grad_norm_([p], max_grad_norm if max_grad_norm > 0 else float("inf")))
+        norms.append(torch.nn.utils.clip_grad_norm_([p], clip_limit(max_grad_norm)))
         optimizer.step(i)
         if ema:
             ema.update(i)
@@ -305,7 +325,7 @@ def parallelize(model, c, world):
             raise SystemExit("parallel='fsdp' is for train_mode='full'; LoRA training uses 'ddp'")
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # bf16 gradients are summed across ranks in fp32
-        for block in [*model.context_refiner, *model.noise_refiner, *model.layers]:
+        for block in blocks(model):
             fully_shard(block, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
     if c.parallel == "ddp":
@@ -352,13 +372,6 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def peak_memory_gb():
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def train(c):
     """c: the config namespace. Returns a dict with the losses and the paths written."""
     assert c.model_prediction_type == "raw", "only model_prediction_type='raw' exists for Lumina 2 (v = x0 - noise)"
@@ -366,9 +379,6 @@ def train(c):
         raise SystemExit(f"resolution={c.resolution} must be a multiple of 16 (the AE divides by 8, the DiT patches 2x2)")
     if c.train_mode not in ("lora", "full"):
         raise SystemExit(f"train_mode must be 'lora' or 'full', got {c.train_mode!r}")
-    if c.fused_backward_pass and (c.train_mode != "full" or c.gradient_accumulation_steps != 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1):
-        raise SystemExit("fused_backward_pass needs train_mode='full', gradient_accumulation_steps=1 and one process "
-                         "(the step runs inside backward, before gradients could be accumulated or averaged)")
     if c.optimizer_type == "Adafactor" and c.learning_rate < 1e-4:
         warnings.warn(f"learning_rate={c.learning_rate} with torch's Adafactor caps each step at that fraction of the "
                       "weight's RMS (about 0.02 here): sd-scripts' absolute 1e-5 corresponds to about 5e-4")
@@ -376,6 +386,9 @@ def train(c):
     dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
     rank, world = setup_distributed(c)
     fsdp = world > 1 and c.parallel == "fsdp"  # every rank holds a shard: saving gathers, each rank keeps its own state
+    if c.fused_backward_pass and (c.train_mode != "full" or c.gradient_accumulation_steps != 1 or world > 1):
+        raise SystemExit("fused_backward_pass needs train_mode='full', gradient_accumulation_steps=1 and one process "
+                         "(the step runs inside backward, before gradients could be accumulated or averaged)")
     os.makedirs(c.output_dir, exist_ok=True)
     torch.manual_seed(c.seed)
     random.seed(c.seed)
@@ -480,8 +493,9 @@ def train(c):
         return path
 
     def save_samples(tag):
-        """Every rank samples (FSDP2's forward is a collective); rank 0 writes the grid."""
-        import sample
+        """Rank 0 samples and writes the grid; under FSDP2 every rank runs the forward with it (a collective)."""
+        if not (rank == 0 or fsdp):
+            return None
         model.eval()
         grid = []
         for i, cond in enumerate(sample_cond):
@@ -526,16 +540,12 @@ def train(c):
                 grad_norm = torch.stack(grad_norms).norm()
                 grad_norms.clear()
             else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
-                for i in range(len(groups)):
-                    optimizer.step(i)
-                    if ema:
-                        ema.update(i)
+                grad_norm = step_after_backward(params, optimizer, c.max_grad_norm, ema)
             step += 1
             window = losses[-micro:]
             rec = {"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": optimizer.lr,
                    "grad_norm": float(grad_norm), "sigma": sigma.mean().item(), "time": round(time.time() - t0, 3),
-                   "peak_gb": round(peak_memory_gb(), 3)}
+                   "peak_gb": round(sample.peak_memory_gb(), 3)}
             if log:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -565,7 +575,7 @@ def train(c):
     if rank == 0:
         print(f"{'LoRA' if c.train_mode == 'lora' else 'model'}: {final}\nsamples: {sample_path}\nlog: {log_path}\n"
               f"{step} steps in {time.time() - t0:.1f}s, loss (mean of 20 batches) first {mean(losses[:20]):.4f}, "
-              f"last {mean(losses[-20:]):.4f}, peak {peak_memory_gb():.2f} GB")
+              f"last {mean(losses[-20:]):.4f}, peak {sample.peak_memory_gb():.2f} GB")
     if world > 1:
         dist.barrier()  # rank 0 may still be writing: leave together
         dist.destroy_process_group()
