@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lora
 import lumina2
+import memory
 import sample
 import train
 from configurator import configure
@@ -49,35 +50,35 @@ out = "bench.json"
 # -----------------------------------------------------------------------------
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def sync(dev):
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
-def reset_peak():
+def reset_peak(dev):
     gc.collect()  # the fused step's hooks make reference cycles: free the previous case's model before measuring
-    if torch.cuda.is_available():
+    if torch.device(dev).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
-def timed(step, n, warm):
+def timed(step, n, warm, dev):
     """Mean wall time of step() in ms over n calls after warm calls, and the peak memory during them."""
     for _ in range(warm):
         step()
-    sync()
+    sync(dev)
     t = time.perf_counter()
     for _ in range(n):
         step()
-    sync()
-    return (time.perf_counter() - t) / n * 1e3, sample.peak_memory_gb()
+    sync(dev)
+    return (time.perf_counter() - t) / n * 1e3, sample.peak_memory_gb(dev)
 
 
 def matmul_ceiling(dev):
     """bf16 TFLOP/s of a large square matmul: the ceiling MFU is quoted against."""
     n = 8192 if dev.startswith("cuda") else 1024
     a, b = torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    ms, _ = timed(lambda: a @ b, 20 if dev.startswith("cuda") else 2, 3 if dev.startswith("cuda") else 1)
+    ms, _ = timed(lambda: a @ b, 20 if dev.startswith("cuda") else 2, 3 if dev.startswith("cuda") else 1, dev)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
@@ -152,7 +153,7 @@ def lora_step(c, cfg, sd, bs, ckpt):
     model = our_model(cfg, sd, c.device)
     lora.inject(model, rank=16, alpha=16)
     if ckpt:
-        train.enable_checkpointing(model)
+        memory.enable_checkpointing(model)
     params = lora.lora_parameters(model)
     opt = train.Optimizer([params], "AdamW", 1e-4, 0.01, "stochastic", 0)
     x0, noise, cap, mask, sigma = inputs(c, cfg, bs)
@@ -160,14 +161,14 @@ def lora_step(c, cfg, sd, bs, ckpt):
     def step():
         train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
         train.step_after_backward(params, opt, max_grad_norm=1.0)
-    return timed(step, c.iters, c.warmup)
+    return timed(step, c.iters, c.warmup, c.device)
 
 
 def full_step(c, cfg, sd, kind, fused):
     """Full fine-tuning at bs 1 with checkpointing, bf16 weights + stochastic rounding, as train.py runs it."""
     model = our_model(cfg, sd, c.device)
     model.requires_grad_(True).norm_final.requires_grad_(False)
-    train.enable_checkpointing(model)
+    memory.enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.Optimizer([[p] for p in params], kind, 1e-5 if kind == "AdamW" else 5e-4, 0.0, "stochastic", 0)
     if fused:
@@ -178,7 +179,7 @@ def full_step(c, cfg, sd, kind, fused):
         train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
         if not fused:
             train.step_after_backward(params, opt, max_grad_norm=1.0)
-    return timed(step, c.iters, c.warmup)
+    return timed(step, c.iters, c.warmup, c.device)
 
 
 def cfg_inputs(c, cfg):
@@ -192,7 +193,7 @@ def cfg_inputs(c, cfg):
 def cfg_step(c, cfg, sd):
     model = our_model(cfg, sd, c.device)
     x, cap, mask = cfg_inputs(c, cfg)
-    return timed(lambda: sample.cfg_velocity(model, x, 0.5, (cap[:1], mask[:1]), (cap[1:], mask[1:]), 4.0), c.iters, c.warmup)
+    return timed(lambda: sample.cfg_velocity(model, x, 0.5, (cap[:1], mask[:1]), (cap[1:], mask[1:]), 4.0), c.iters, c.warmup, c.device)
 
 
 def diffusers_lora_step(c, cfg, sd, bs, ckpt):
@@ -210,7 +211,7 @@ def diffusers_lora_step(c, cfg, sd, bs, ckpt):
         torch.nn.functional.mse_loss(v.float(), x0 - noise).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return timed(step, c.iters, c.warmup)
+    return timed(step, c.iters, c.warmup, c.device)
 
 
 @torch.no_grad()
@@ -218,7 +219,7 @@ def diffusers_cfg_step(c, cfg, sd):
     ref = diffusers_model(cfg, sd, c.device)
     x, cap, mask = cfg_inputs(c, cfg)
     t = torch.full((2,), 0.5, device=c.device)
-    return timed(lambda: ref(x.repeat(2, 1, 1, 1).bfloat16(), t, cap, mask, return_dict=False)[0], c.iters, c.warmup)
+    return timed(lambda: ref(x.repeat(2, 1, 1, 1).bfloat16(), t, cap, mask, return_dict=False)[0], c.iters, c.warmup, c.device)
 
 
 CASES = {  # name -> (case label, implementation, function, its arguments, model FLOPs in forwards at bs 1)
@@ -274,7 +275,7 @@ def main(argv=None):
     for key, (case, impl, fn, args, forwards) in CASES.items():
         if c.cases and key not in c.cases or impl == "diffusers" and not c.diffusers:
             continue
-        reset_peak()
+        reset_peak(c.device)
         ms, gb = fn(c, cfg, sd, *args)
         tf = (fwd_cfg if forwards is None else forwards * fwd1) / (ms * 1e-3) / 1e12
         rows.append(dict(case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb))

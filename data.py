@@ -12,6 +12,7 @@ fingerprint of everything that produced them, so a changed setting re-encodes an
     python -c "import data; print(data.make_demo_weights('out/demo/weights'))"
     python -c "import data; print(data.make_demo_dataset('out/demo/images'))"
 """
+import contextlib
 import hashlib
 import io
 import json
@@ -157,6 +158,30 @@ def cache_hit(path, text):
         return False
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 convolutions and matmuls in IEEE fp32 inside, whatever the process's TF32 settings: on a GPU,
+    cuDNN runs fp32 convs in TF32 by default (10-bit mantissa), which would make GPU-made latent caches differ
+    from CPU-made ones under the same fingerprint."""
+    new_api = hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision")
+    if new_api:  # torch >= 2.9; mixing it with the legacy allow_tf32 flags is an error there
+        knobs = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
+        kept = [k.fp32_precision for k in knobs]
+        for k in knobs:
+            k.fp32_precision = "ieee"
+    else:
+        kept = [torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32]
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if new_api:
+            for k, v in zip(knobs, kept):
+                k.fp32_precision = v
+        else:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = kept
+
+
 def cache_get(store, key):
     """An entry is a CPU tensor (memory cache) or the path of its file (disk cache, read on demand)."""
     from safetensors.torch import load_file
@@ -203,6 +228,13 @@ class Dataset:
                 else:
                     todo.setdefault(self.buckets[i], []).append(((i, flipped), text, digest, file))
         jobs = [group[k:k + batch_size] for group in todo.values() for k in range(0, len(group), batch_size)]
+        with exact_fp32():
+            self.encode_jobs(ae, jobs, device, sample, dtype)
+        encoded = sum(len(g) for g in todo.values())
+        print(f"latent cache: reused {reused} / encoded {encoded}")
+        return reused, encoded
+
+    def encode_jobs(self, ae, jobs, device, sample, dtype):
         for job in tqdm(jobs, desc="encoding latents", disable=not jobs):
             x = torch.stack([self.pixels(i, flipped) for (i, flipped), *_ in job]).to(device)
             if sample:  # one generator per image, so a draw does not depend on the batching
@@ -214,9 +246,6 @@ class Dataset:
                 if file:
                     lumina2.save_file_atomic({"x": zi}, file, metadata={"fingerprint": text})
                 self.latents[key] = file or zi.clone()
-        encoded = sum(len(g) for g in todo.values())
-        print(f"latent cache: reused {reused} / encoded {encoded}")
-        return reused, encoded
 
     def pixels(self, i, flipped):
         """Image i, bucketed -> (3, h, w) in [-1, 1], mirrored left-right when flipped."""

@@ -90,15 +90,16 @@ def stack_captions(a, b):
 
 
 @torch.no_grad()
-def cfg_velocity(model, x, sigma, cond, uncond, cfg=4.0, cfg_trunc=1.0, renorm=1.0):
+def cfg_velocity(model, x, sigma, cond, uncond, cfg=4.0, cfg_trunc=1.0, renorm=1.0, both=None):
     """x (B, 16, h, w) fp32 at noise level sigma (a float or 0-dim tensor); cond/uncond = (feats (B, L, D), mask (B, L)),
-    uncond None for no CFG -> guided velocity (B, 16, h, w) fp32. cond and uncond run as one batch of 2B."""
+    uncond None for no CFG -> guided velocity (B, 16, h, w) fp32. cond and uncond run as one batch of 2B:
+    `both` = stack_captions(cond, uncond), which sample() builds once for all steps."""
     t = 1 - torch.as_tensor(sigma, dtype=torch.float32)  # Lumina time: 0 = noise, 1 = clean
     guided = uncond is not None and cfg != 1.0 and float(t) < cfg_trunc
     t = t.to(x.device).expand(x.shape[0])
     if not guided:  # no CFG, or truncated (the late, nearly clean steps): no unconditional pass at all
         return model(x, t, *cond)
-    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), *stack_captions(cond, uncond)).chunk(2)
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), *(both or stack_captions(cond, uncond))).chunk(2)
     v = v_u + cfg * (v_c - v_u)
     if renorm > 0:  # norms over each whole sample (C, H, W); this only ever scales down
         cap = renorm * torch.linalg.vector_norm(v_c, dim=(1, 2, 3), keepdim=True)
@@ -116,7 +117,8 @@ def sample(model, noise, cond, uncond=None, steps=30, cfg=4.0, cfg_trunc=1.0, re
     B = noise.shape[0]
     widen = lambda c: None if c is None else tuple(z.expand(B, *z.shape[1:]) for z in c)
     cond, uncond = widen(cond), widen(uncond)
-    velocity = lambda x, s: cfg_velocity(model, x, s, cond, uncond, cfg, cfg_trunc, renorm)
+    both = stack_captions(cond, uncond) if uncond is not None and cfg != 1.0 else None
+    velocity = lambda x, s: cfg_velocity(model, x, s, cond, uncond, cfg, cfg_trunc, renorm, both)
     sigmas = sigma_schedule(steps, shift)  # stays on the CPU: 0-dim scalars, no device syncs
     x = noise.float()
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
@@ -164,10 +166,10 @@ def place_dit(model, device):
     return model.to(device)
 
 
-def peak_memory_gb():
-    """GiB: the CUDA allocator's peak on a GPU machine, else the process's peak RSS since start."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+def peak_memory_gb(device):
+    """GiB: the CUDA allocator's peak when the run's device is a GPU, else the process's peak RSS since start."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
@@ -303,8 +305,8 @@ def main(argv=None):
         save_grid(images, paths[-1], dict(images=[os.path.basename(p) for p in paths[:-1]]))
 
     print("\n".join(paths))
-    print(f"{len(images)} images in {time.time() - start:.1f} s, peak memory {peak_memory_gb():.2f} GiB "
-          f"{'CUDA allocated' if torch.cuda.is_available() else 'process RSS'}")
+    print(f"{len(images)} images in {time.time() - start:.1f} s, peak memory {peak_memory_gb(c.device):.2f} GiB "
+          f"{'CUDA allocated' if torch.device(c.device).type == 'cuda' else 'process RSS'}")
     return paths
 
 

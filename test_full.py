@@ -195,18 +195,22 @@ def test_full_resume_is_bit_exact(weights, tmp_path, monkeypatch):
     assert sa["step"] == sb["step"] == 6 and 0 < len(resumed["losses"]) < len(whole["losses"])
 
 
-def test_ema_follows_its_formula(weights, tmp_path):
+@pytest.mark.parametrize("every", [1, 2])
+def test_ema_follows_its_formula(weights, tmp_path, every):
     """bf16 weights are exact in the per-step model files, so the EMA can be recomputed here from them:
-    e_0 = w_0, e_k = d e_(k-1) + (1 - d) w_k in fp32; the saved EMA is that, rounded to bf16."""
+    e_0 = w_0, and at every `every`-th step e = d^every e + (1 - d^every) w in fp32 (the other steps leave it);
+    the saved EMA is that, rounded to bf16."""
     folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
     d = 0.7
     run(weights, tmp_path, *full_args(folder, "--mixed_precision=bf16", "--ema_decay=0.7", "--train_batch_size=2",
-                                      "--learning_rate=1e-2", "--max_train_steps=3", "--save_every_n_steps=1"))
+                                      f"--ema_every={every}", "--learning_rate=1e-2", "--max_train_steps=4",
+                                      "--save_every_n_steps=1"))
     out = tmp_path / "out"
-    ws = [load_file(weights["dit"])] + [load_file(out / f"t-step{k:06d}.safetensors") for k in (1, 2, 3)]
+    ws = [load_file(weights["dit"])] + [load_file(out / f"t-step{k:06d}.safetensors") for k in (1, 2, 3, 4)]
     ema = {k: v.float() for k, v in ws[0].items()}
-    for w in ws[1:]:
-        ema = {k: d * ema[k] + (1 - d) * w[k].float() for k in ema}
+    for step, w in enumerate(ws[1:], 1):
+        if step % every == 0:
+            ema = {k: d ** every * ema[k] + (1 - d ** every) * w[k].float() for k in ema}
     got = load_file(out / "t-ema.safetensors")
     assert got.keys() == ws[0].keys()
     for k in got:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import data
 import lora
 import lumina2
+import memory
 import sample
 from configurator import configure
 
@@ -96,7 +97,10 @@ sample_cfg = 4.0
 sample_seed = 0
 resume = False  # continue from output_dir/output_name-state.pt
 device = "cuda" if torch.cuda.is_available() else "cpu"
-attention = "sdpa"  # lumina2.ATTENTION: sdpa | flash | math
+attention = "sdpa"  # sdpa | flash | sage | math (lumina2.set_attention; sd-scripts --use_flash_attn / --use_sage_attn)
+blocks_to_swap = 0  # --blocks_to_swap: this many of the 26 main layers wait in CPU RAM and stream to the device
+fp8_base = False  # --fp8_base: frozen base Linear weights stored as float8_e4m3fn with a scale (LoRA only)
+compile = False  # torch.compile each block (regional), dynamic sequence length
 train_mode = "lora"  # "lora" or "full" (every DiT weight trains; saved as a whole model in the original layout)
 bf16_update = "stochastic"  # how a bf16 weight takes its fp32 update: "stochastic" rounding (no extra memory)
 # or "master" (a persistent fp32 master copy, +4 bytes a parameter); measured in test_full.py
@@ -104,6 +108,8 @@ fused_backward_pass = False  # --fused_backward_pass: full mode, one process, no
 # stepped the moment its gradient is complete and the gradient is freed; max_grad_norm then clips per tensor
 ema_decay = 0.0  # EMA of the trained weights (0 = off), written next to each checkpoint as ...-ema.safetensors
 ema_device = "cpu"  # where the fp32 EMA lives: "cpu" or the training device ("cuda")
+ema_every = 10  # update the EMA every k optimizer steps with decay^k (a CPU EMA costs a device->host copy per update)
+log_every = 1  # log (and sync the device for the loss) every n optimizer steps
 parallel = "ddp"  # under torchrun: "ddp" (LoRA or full, a full replica per GPU) | "fsdp" (full: FSDP2 per block)
 demo = False  # write tiny random weights and a synthetic dataset first (config/demo.py)
 # -----------------------------------------------------------------------------
@@ -155,20 +161,6 @@ def lr_lambda(kind, warmup, total):
     return f
 
 
-def blocks(model):
-    """The transformer blocks, the unit of checkpointing and of FSDP2 sharding."""
-    return [*model.context_refiner, *model.noise_refiner, *model.layers]
-
-
-def enable_checkpointing(model):
-    """Recompute each block's activations in backward (non-reentrant), set from outside the model:
-    the block's forward is wrapped in place, so module names and state_dict keys do not change."""
-    from functools import partial
-    from torch.utils.checkpoint import checkpoint
-    for block in blocks(model):
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-
-
 def local(t):
     """The part of a tensor this process holds: an FSDP2 shard, or the tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -192,12 +184,15 @@ class Optimizer:
     tensor from the weight for the length of its step only (no memory kept) and rounds back stochastically;
     "master" keeps the work tensor as a persistent fp32 master weight and rounds back to nearest."""
 
-    def __init__(self, groups, kind, lr, weight_decay, bf16_update, seed):
+    def __init__(self, groups, kind, lr, weight_decay, bf16_update, seed, zero_grads_in_place=False):
         if kind not in ("AdamW", "Adafactor"):
             raise SystemExit(f"optimizer_type must be 'AdamW' or 'Adafactor', got {kind!r}")
         if bf16_update not in ("stochastic", "master"):
             raise SystemExit(f"bf16_update must be 'stochastic' or 'master', got {bf16_update!r}")
-        self.groups, self.master = groups, bf16_update == "master"
+        self.groups, self.master, self.seed = groups, bf16_update == "master", seed
+        # DDP with gradient_as_bucket_view: a gradient is a view of the all-reduce bucket. Zeroed in place it stays
+        # that view; set to None, the reducer would allocate a fresh one next step and copy it into the bucket.
+        self.zero_grads_in_place = zero_grads_in_place
         self.work = [[self.work_tensor(local(p)) for p in g] for g in groups]
         make = torch.optim.AdamW if kind == "AdamW" else torch.optim.Adafactor
         self.opts = [make(w, lr=lr, weight_decay=weight_decay) for w in self.work]
@@ -226,16 +221,23 @@ class Optimizer:
                     else:
                         stochastic_round_(local(p), w, self.generator)
                         w.data = torch.empty(0, device=w.device)
-                w.grad, p.grad = None, None
+                w.grad = None
+                if self.zero_grads_in_place:
+                    p.grad.zero_()
+                else:
+                    p.grad = None
 
     def state_dict(self):
         return {"opts": [o.state_dict() for o in self.opts], "generator": self.generator.get_state(),
                 "master": [[w.cpu() for w in ws] for ws in self.work] if self.master else None}
 
-    def load_state_dict(self, st):
+    def load_state_dict(self, st, same_device=True, step=0):
         for o, s in zip(self.opts, st["opts"]):
             o.load_state_dict(s)
-        self.generator.set_state(st["generator"])
+        if same_device:
+            self.generator.set_state(st["generator"])
+        else:  # a CPU generator's state does not fit a CUDA generator (or back): a fresh stream, on purpose
+            self.generator.manual_seed(self.seed + step)
         if self.master:
             for ws, saved in zip(self.work, st["master"]):
                 for w, v in zip(ws, saved):
@@ -244,15 +246,34 @@ class Optimizer:
 
 class EMA:
     """Exponential moving average of the trained tensors, kept in fp32 (a bf16 EMA would drop the
-    (1 - decay) x update it adds each step): ema <- decay ema + (1 - decay) w, after every optimizer step."""
+    (1 - decay) x update it adds each step): every `every` optimizer steps, ema <- d^k ema + (1 - d^k) w with
+    k = every, so the average spans the same number of steps whatever k is. A CPU EMA of a CUDA model reads
+    the weights through pinned buffers on a side stream; k > 1 spreads that copy (5 GB for a full 2.6B model)
+    over k steps. `due` says whether this step updates: the fused step reads it inside backward."""
 
-    def __init__(self, params, decay, device):
-        self.params, self.decay = params, decay
+    def __init__(self, params, decay, device, every=1):
+        self.params, self.decay, self.every, self.due = params, decay, every, every == 1
         self.shadow = [local(p).detach().to(device, torch.float32, copy=True) for p in params]
+        cuda_to_host = local(params[0]).is_cuda and torch.device(device).type == "cpu"
+        self.stream = torch.cuda.Stream() if cuda_to_host else None
+        self.staging = [torch.empty(local(p).shape, dtype=p.dtype, pin_memory=True) for p in params] if cuda_to_host else None
+
+    def set_step(self, step):
+        """Before optimizer step `step` (0-based) runs: it updates the EMA when (step + 1) % every == 0."""
+        self.due = (step + 1) % self.every == 0
 
     @torch.no_grad()
     def update(self, i):
-        self.shadow[i].lerp_(local(self.params[i]).detach().to(self.shadow[i].device, torch.float32), 1 - self.decay)
+        if not self.due:
+            return
+        w = local(self.params[i]).detach()
+        if self.stream is not None:  # device -> pinned host copy off the compute stream, then the fp32 lerp on the CPU
+            self.stream.wait_stream(torch.cuda.current_stream(w.device))
+            with torch.cuda.stream(self.stream):
+                self.staging[i].copy_(w, non_blocking=True)
+            self.stream.synchronize()
+            w = self.staging[i]
+        self.shadow[i].lerp_(w.to(self.shadow[i].device, torch.float32), 1 - self.decay ** self.every)
 
     @contextlib.contextmanager
     def swapped_in(self):
@@ -307,11 +328,13 @@ def setup_distributed(c):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1
+    device_id = None
     if c.device.startswith("cuda"):
         c.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(c.device)
+        device_id = torch.device(c.device)  # binds NCCL to this GPU now, not lazily at the first collective
     # a long timeout: the other ranks wait at a barrier while rank 0 encodes the whole dataset's caches
-    dist.init_process_group("nccl" if c.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=4))
+    dist.init_process_group("nccl" if device_id else "gloo", timeout=datetime.timedelta(hours=4), device_id=device_id)
     return dist.get_rank(), world
 
 
@@ -321,266 +344,417 @@ def parallelize(model, c, world):
     if world == 1:
         return model
     if c.parallel == "fsdp":
-        if c.train_mode != "full":
-            raise SystemExit("parallel='fsdp' is for train_mode='full'; LoRA training uses 'ddp'")
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # bf16 gradients are summed across ranks in fp32
-        for block in blocks(model):
+        for block in memory.blocks(model):
             fully_shard(block, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
-    if c.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None,
-                                       find_unused_parameters=c.module_dropout > 0,  # a dropped LoRA module gets no grad
-                                       gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no second copy
-    raise SystemExit(f"parallel must be 'ddp' or 'fsdp', got {c.parallel!r}")
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None,
+                                   find_unused_parameters=c.module_dropout > 0,  # a dropped LoRA module gets no grad
+                                   gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no second copy
 
 
-def full_state_dict(model):
-    """The whole model in bf16 under its original keys; FSDP2 shards are gathered (a collective: every rank calls)."""
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).to("cpu", torch.bfloat16).contiguous()
-            for k, v in model.state_dict().items()}
+def full_state_dict(model, fsdp):
+    """The whole model in bf16 under its original keys. Under FSDP2 the shards are gathered to rank 0 alone,
+    straight into CPU memory (a collective: every rank calls; the others get {})."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = model.state_dict()
+    return {k: v.to("cpu", torch.bfloat16).contiguous() for k, v in sd.items()}
+
+
+# -----------------------------------------------------------------------------
+# the config, checked as a whole before anything is loaded
+
+CHOICES = {"train_mode": ("lora", "full"), "save_layout": ("kohya", "diffusion_model"), "optimizer_type": ("AdamW", "Adafactor"),
+           "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
+           "timestep_sampling": ("nextdit_shift", "lognorm", "shift", "sigmoid", "uniform"),
+           "model_prediction_type": ("raw",),  # the model already predicts v = x0 - noise
+           "mixed_precision": ("bf16", "no"),  # fp16 is not offered: Gemma-2 and the DiT overflow in fp16
+           "bf16_update": ("stochastic", "master"), "parallel": ("ddp", "fsdp"), "attention": ("sdpa", "flash", "sage", "math")}
+NONNEG = (lambda v: v >= 0, ">= 0")
+POSITIVE = (lambda v: v > 0, "> 0")
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+SIDE = (lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16 (the AE divides by 8, the DiT patches 2x2)")
+OPTIONAL_RANK = (lambda v: v is None or v >= 0, "None or >= 0")
+RANGES = {"learning_rate": POSITIVE, "network_dim": AT_LEAST_1, "network_alpha": POSITIVE, "weight_decay": NONNEG,
+          "attn_dim": OPTIONAL_RANK, "mlp_dim": OPTIONAL_RANK, "mod_dim": OPTIONAL_RANK, "refiner_dim": OPTIONAL_RANK,
+          "embedder_dims": (lambda v: v is None or (len(v) == 3 and all(isinstance(r, int) and r >= 0 for r in v)), "None or three ranks [x, t, cap] >= 0"),
+          "network_dropout": FRACTION, "rank_dropout": FRACTION, "module_dropout": FRACTION,
+          "caption_dropout_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"), "resolution": SIDE, "num_repeats": AT_LEAST_1,
+          "train_batch_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1, "max_grad_norm": NONNEG,
+          "max_train_steps": NONNEG, "max_train_epochs": NONNEG, "save_every_n_epochs": NONNEG, "save_every_n_steps": NONNEG,
+          "sample_every_n_steps": NONNEG, "sample_every_n_epochs": NONNEG, "lr_warmup_steps": NONNEG,
+          "discrete_flow_shift": POSITIVE, "sigmoid_scale": POSITIVE, "gemma2_max_token_length": AT_LEAST_1,
+          "sample_width": SIDE, "sample_height": SIDE, "sample_steps": AT_LEAST_1, "ema_decay": FRACTION, "ema_every": AT_LEAST_1,
+          "log_every": AT_LEAST_1, "blocks_to_swap": NONNEG}
+
+
+def device_problem(name, what):
+    """None when `name` is a device this torch can use, else why not."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        return f"{what}={name!r} is not a device name (cpu, cuda, cuda:1, ...)"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible GPU"
+            return f"{what}={name!r} but this machine has {build}; use --{what}=cpu or install a CUDA build of torch"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{what}={name!r} but only {torch.cuda.device_count()} GPU(s) are visible"
+    elif dev.type != "cpu":
+        return f"{what}={name!r}: only cpu and cuda devices are supported"
+    return None
+
+
+def validate(c, world):
+    """Every enumerated value, every range and every combination, checked before any file is read, so that
+    a typo fails in a second instead of after caching or at the first save. Raises SystemExit listing all."""
+    problems = []
+    for key, allowed in CHOICES.items():
+        v = getattr(c, key)
+        if v not in allowed:
+            near = [a for a in allowed if isinstance(v, str) and a.lower() == v.lower()]
+            problems.append(f"{key}={v!r} is not one of {', '.join(map(repr, allowed))}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    for key, (ok, what) in RANGES.items():
+        v = getattr(c, key)
+        try:
+            good = ok(v)
+        except TypeError:
+            good = False
+        if not good:
+            problems.append(f"{key}={v!r} must be {what}")
+    for key in ("device", "ema_device"):
+        p = device_problem(getattr(c, key), key)
+        if p:
+            problems.append(p)
+    if not all(isinstance(p, str) for p in c.sample_prompts):
+        problems.append(f"sample_prompts must be a list of strings, got {c.sample_prompts!r}")
+    combos = [
+        (c.fused_backward_pass and (c.train_mode != "full" or c.gradient_accumulation_steps != 1 or world > 1),
+         "fused_backward_pass needs train_mode='full', gradient_accumulation_steps=1 and one process (the step runs "
+         "inside backward, before gradients could be accumulated or averaged)"),
+        (world > 1 and c.parallel == "fsdp" and c.train_mode != "full", "parallel='fsdp' is for train_mode='full'; LoRA training uses 'ddp'"),
+        (c.blocks_to_swap > 0 and c.train_mode == "full",
+         "blocks_to_swap needs train_mode='lora': in full mode the swapped blocks' gradients and optimizer states would have "
+         "to live in CPU RAM and be stepped there; use gradient checkpointing + Adafactor + fused_backward_pass instead"),
+        (c.blocks_to_swap > 0 and world > 1 and c.parallel == "fsdp", "blocks_to_swap cannot combine with FSDP2, which owns the weights' placement"),
+        (c.fp8_base and c.train_mode == "full", "fp8_base stores the frozen base in fp8: it needs train_mode='lora'"),
+        (c.attention in ("flash", "sage") and c.mixed_precision != "bf16",
+         f"attention={c.attention!r} runs in bf16 only (its kernels take fp16/bf16): set mixed_precision='bf16' or attention='sdpa'"),
+    ]
+    problems += [msg for bad, msg in combos if bad]
+    if problems:
+        raise SystemExit("config errors:\n  - " + "\n  - ".join(problems))
+    if c.optimizer_type == "Adafactor" and c.learning_rate < 1e-4:
+        warnings.warn(f"learning_rate={c.learning_rate} with torch's Adafactor caps each step at that fraction of the "
+                      "weight's RMS (about 0.02 here): sd-scripts' absolute 1e-5 corresponds to about 5e-4")
+
+
+# -----------------------------------------------------------------------------
+# the training state: tensors and plain values only, so it loads with weights_only=True
 
 
 def save_atomic(obj, path):
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a kill mid-save leaves the previous file intact
 
 
-def rng_state():
+def load_state(path):
+    """A state file -> dict. Loaded with weights_only=True: a file that carries pickled Python objects (which
+    could run code when loaded) is refused with a message, not executed."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"{path} holds pickled Python objects besides tensors and plain values, so it is not loaded "
+                         f"(unpickling could run code). train.py never writes such a file: was it replaced? ({str(e).splitlines()[0]})") from None
+
+
+def rng_state(device):
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None}
 
 
-def set_rng_state(s):
+def set_rng_state(s, device, same_device):
     random.setstate(s["python"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if same_device and s["cuda"] is not None:
+        torch.cuda.set_rng_state(s["cuda"], device)
 
 
-def global_mean(x, world):
-    """A scalar averaged over all processes (for the log; the gradients are averaged by DDP / FSDP)."""
-    if world > 1:
-        dist.all_reduce(x)
-        x = x / world
-    return x.item()
+def resume_from(c, r):
+    """Load the state into the run r (weights, optimizer, EMA, generators, data position). A state saved on
+    another device type resumes with its device generators re-seeded (with a warning): their states do not
+    transfer between CPU and CUDA."""
+    if not os.path.exists(r.state_path):
+        raise SystemExit(f"resume=True but there is no training state at {r.state_path}")
+    st = load_state(r.state_path)
+    if st["world_size"] != r.world:  # the data position counts global batches of train_batch_size x world
+        raise SystemExit(f"{r.state_path} was saved by {st['world_size']} process(es); resume with the same number, not {r.world}")
+    here = torch.device(c.device).type
+    same = st.get("device", "cpu") == here
+    if not same:
+        warnings.warn(f"{r.state_path} was saved on {st['device']}, resuming on {here}: the stochastic-rounding and "
+                      f"{st['device']} random generators are re-seeded, so the run goes on but is not bit-identical to an uninterrupted one")
+    with torch.no_grad():
+        for p, saved in zip(r.params, st["params"]):
+            local(p).copy_(saved)
+        for e, saved in zip(r.ema.shadow if r.ema else [], st["ema"] or []):
+            e.copy_(saved)
+    r.optimizer.load_state_dict(st["optimizer"], same_device=same, step=st["step"])
+    r.noise_gen.set_state(st["noise_gen"])  # a CPU generator on every device: noise and sigma resume exactly
+    set_rng_state(st["rng"], c.device, same)
+    r.step, r.epoch, r.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+    print(f"resumed from {r.state_path} at step {r.step} (epoch {r.epoch}, batch {r.batch_in_epoch})")
 
 
-def mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
+def save_weights(c, r, path, meta):
+    if c.train_mode == "lora":
+        if r.rank == 0:
+            lora.save_lora(r.model, path, layout=c.save_layout, metadata=meta)
+    else:  # the whole model under the original keys, bf16, for load_dit, ComfyUI, sd-scripts
+        sd = full_state_dict(r.model, r.fsdp) if r.rank == 0 or r.fsdp else None  # under FSDP2 a collective
+        if r.rank == 0:
+            lumina2.save_file_atomic(sd, path, metadata=meta)
 
 
-def train(c):
-    """c: the config namespace. Returns a dict with the losses and the paths written."""
-    assert c.model_prediction_type == "raw", "only model_prediction_type='raw' exists for Lumina 2 (v = x0 - noise)"
-    if c.resolution % 16:
-        raise SystemExit(f"resolution={c.resolution} must be a multiple of 16 (the AE divides by 8, the DiT patches 2x2)")
-    if c.train_mode not in ("lora", "full"):
-        raise SystemExit(f"train_mode must be 'lora' or 'full', got {c.train_mode!r}")
-    if c.optimizer_type == "Adafactor" and c.learning_rate < 1e-4:
-        warnings.warn(f"learning_rate={c.learning_rate} with torch's Adafactor caps each step at that fraction of the "
-                      "weight's RMS (about 0.02 here): sd-scripts' absolute 1e-5 corresponds to about 5e-4")
-    lumina2.ATTENTION = c.attention
-    dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
-    rank, world = setup_distributed(c)
-    fsdp = world > 1 and c.parallel == "fsdp"  # every rank holds a shard: saving gathers, each rank keeps its own state
-    if c.fused_backward_pass and (c.train_mode != "full" or c.gradient_accumulation_steps != 1 or world > 1):
-        raise SystemExit("fused_backward_pass needs train_mode='full', gradient_accumulation_steps=1 and one process "
-                         "(the step runs inside backward, before gradients could be accumulated or averaged)")
-    os.makedirs(c.output_dir, exist_ok=True)
-    torch.manual_seed(c.seed)
-    random.seed(c.seed)
+def save_checkpoint(c, r, tag):
+    """The weights (and the EMA's) as safetensors, then the state to resume from. Returns the weights' path."""
+    path = os.path.join(c.output_dir, f"{c.output_name}{tag}.safetensors")
+    meta = {"ss_learning_rate": str(c.learning_rate), "ss_training_step": str(r.step), "ss_epoch": str(r.epoch),
+            "ss_timestep_sampling": c.timestep_sampling, "ss_system_prompt": c.system_prompt,
+            "ss_max_token_length": str(c.gemma2_max_token_length), "ss_seed": str(c.seed),
+            "ss_mixed_precision": c.mixed_precision, "ss_num_train_images": str(len(r.ds)),
+            "ss_optimizer": c.optimizer_type, "ss_train_mode": c.train_mode}
+    save_weights(c, r, path, meta)
+    if r.ema:
+        with r.ema.swapped_in():
+            save_weights(c, r, path.replace(".safetensors", "-ema.safetensors"), {**meta, "ss_ema_decay": str(c.ema_decay)})
+    if r.rank == 0 or r.fsdp:
+        save_atomic({"params": [local(p).detach().cpu() for p in r.params], "optimizer": r.optimizer.state_dict(),
+                     "ema": [e.cpu() for e in r.ema.shadow] if r.ema else None, "noise_gen": r.noise_gen.get_state(),
+                     "rng": rng_state(c.device), "device": torch.device(c.device).type, "step": r.step, "epoch": r.epoch,
+                     "batch_in_epoch": r.batch_in_epoch, "world_size": r.world, "config": vars(c)}, r.state_path)
+    return path
 
-    # 1. caches: latents and text features, then the AE and Gemma leave the device. Under torchrun rank 0
-    # writes the demo files and the disk caches first, then the other ranks read them.
-    if rank > 0:
+
+def save_samples(c, r, tag):
+    """Rank 0 samples and writes the grid; under FSDP2 every rank runs the forward with it (a collective)."""
+    if not (r.rank == 0 or r.fsdp):
+        return None
+    r.model.eval()
+    grid = []
+    for i, cond in enumerate(r.sample_cond):
+        noise = sample.seeded_noise([c.sample_seed + i], c.sample_height, c.sample_width).to(c.device)
+        grid.append(sample.sample(r.model, noise, cond, r.sample_uncond, c.sample_steps, c.sample_cfg, progress=False))
+    r.model.train()
+    path = os.path.join(c.output_dir, "samples", f"{c.output_name}{tag}.png")
+    if r.rank == 0:
+        r.ae.to(c.device)
+        sample.save_grid(sample.decode_to_images(r.ae, torch.cat(grid)), path)  # decoded once, here
+        r.ae.to("cpu")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# setup: caches first, then the model in one ordered setup
+
+
+def build_caches(c, r):
+    """Latents and text features, then the AE and Gemma leave the device (the AE stays in CPU RAM for samples).
+    Under torchrun rank 0 writes the demo files and the disk caches first, then the other ranks read them."""
+    if r.rank > 0:
         dist.barrier()
     if c.demo:
         paths = data.make_demo_weights(os.path.join(c.output_dir, "weights"))  # the same files sample.py's demo uses
         c.dit_path, c.gemma_path, c.ae_path = paths["dit"], paths["gemma"], paths["ae"]
         c.train_data_dir = data.make_demo_dataset(os.path.join(c.output_dir, "demo_images"))
-    ds = data.Dataset(c.train_data_dir, resolution=c.resolution, repeats=c.num_repeats, flip=c.flip_aug,
-                      caption_ext=c.caption_extension)
+    r.ds = data.Dataset(c.train_data_dir, resolution=c.resolution, repeats=c.num_repeats, flip=c.flip_aug,
+                        caption_ext=c.caption_extension)
     cache_dir = os.path.join(c.output_dir, "cache")
-    ae = lumina2.load_ae(c.ae_path, dtype=torch.float32, device=c.device)  # fp32: caches carry no bf16 error (84M params)
-    ds.cache_latents(ae, device=c.device, cache_dir=cache_dir if c.cache_latents_to_disk or world > 1 else None,
-                     ae_id=data.file_id(c.ae_path))
-    ae.to("cpu")  # kept off the device, only for decoding samples
-    te = lumina2.load_text_encoder(c.gemma_path, dtype=dtype, device=c.device, max_length=c.gemma2_max_token_length)
-    ds.cache_text(te, c.system_prompt, c.gemma2_max_token_length, te_id=data.file_id(c.gemma_path),
-                  cache_dir=cache_dir if c.cache_text_encoder_outputs_to_disk or world > 1 else None)
-    sample_cond = [te([p], c.system_prompt) for p in c.sample_prompts]
-    sample_uncond = te([""], "") if c.sample_prompts else None
+    r.ae = lumina2.load_ae(c.ae_path, dtype=torch.float32, device=c.device)  # fp32: caches carry no bf16 error (84M params)
+    r.ds.cache_latents(r.ae, device=c.device, cache_dir=cache_dir if c.cache_latents_to_disk or r.world > 1 else None,
+                       ae_id=data.file_id(c.ae_path))
+    r.ae.to("cpu")
+    te = lumina2.load_text_encoder(c.gemma_path, dtype=r.dtype, device=c.device, max_length=c.gemma2_max_token_length)
+    r.ds.cache_text(te, c.system_prompt, c.gemma2_max_token_length, te_id=data.file_id(c.gemma_path),
+                    cache_dir=cache_dir if c.cache_text_encoder_outputs_to_disk or r.world > 1 else None)
+    r.sample_cond = [te([p], c.system_prompt) for p in c.sample_prompts]
+    r.sample_uncond = te([""], "") if c.sample_prompts else None
     del te
     if c.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    if rank == 0 and world > 1:
+    if r.rank == 0 and r.world > 1:
         dist.barrier()
 
-    # 2. the ordered setup: base in bf16 -> LoRA (fp32) or all weights trainable -> checkpointing
-    #    -> DDP / FSDP2 under torchrun -> optimizer -> EMA -> optimizer steps fused into backward
-    model = lumina2.load_dit(c.dit_path, dtype=dtype, device=c.device)
+
+def setup_model(c, r):
+    """The one ordered setup. Each step needs the one before it:
+    1. load the DiT on the CPU (the device holds only what step 5 puts there);
+    2. LoRA (fp32 pairs around the base Linears), or every weight trainable: before fp8, so the LoRA wraps the
+       full-precision Linears and its scale is exact;
+    3-6. memory.prepare: fp8 storage of the frozen base -> gradient checkpointing -> regional compile -> block swap
+       and placement on the device (memory.py says why in that order);
+    7. DDP / FSDP2 wrap the placed model; 8. the optimizer sees the placed tensors; 9. EMA; 10. the fused step's hooks."""
+    model = lumina2.load_dit(c.dit_path, dtype=r.dtype, device="cpu")
     if c.train_mode == "lora":
         lora.inject(model, rank=c.network_dim, alpha=c.network_alpha, attn_dim=c.attn_dim, mlp_dim=c.mlp_dim,
                     mod_dim=c.mod_dim, refiner_dim=c.refiner_dim, embedder_dims=c.embedder_dims,
                     dropout=c.network_dropout, rank_dropout=c.rank_dropout, module_dropout=c.module_dropout)
     else:
         model.requires_grad_(True).norm_final.requires_grad_(False)  # norm_final is stored but unused
-    if c.gradient_checkpointing:
-        enable_checkpointing(model)
-    net = parallelize(model, c, world)
-    params = lora.lora_parameters(model) if c.train_mode == "lora" else [p for p in model.parameters() if p.requires_grad]
-    groups = [params] if c.train_mode == "lora" else [[p] for p in params]  # full: each tensor steps alone
-    optimizer = Optimizer(groups, c.optimizer_type, c.learning_rate, c.weight_decay, c.bf16_update, c.seed)
+    r.model = memory.prepare(model, c.device, fp8=c.fp8_base, checkpointing=c.gradient_checkpointing, compile=c.compile,
+                             blocks_to_swap=c.blocks_to_swap)
+    r.net = parallelize(r.model, c, r.world)
+    r.params = lora.lora_parameters(r.model) if c.train_mode == "lora" else [p for p in r.model.parameters() if p.requires_grad]
+    groups = [r.params] if c.train_mode == "lora" else [[p] for p in r.params]  # full: each tensor steps alone
+    r.optimizer = Optimizer(groups, c.optimizer_type, c.learning_rate, c.weight_decay, c.bf16_update, c.seed,
+                            zero_grads_in_place=r.world > 1 and c.parallel == "ddp")
     # DDP replicas are identical, so one EMA (rank 0's) is enough; FSDP2 keeps each rank's shard's
-    ema = EMA(params, c.ema_decay, c.ema_device) if c.ema_decay > 0 and (rank == 0 or fsdp) else None
-    grad_norms = fuse_steps_into_backward(params, optimizer, c.max_grad_norm, ema) if c.fused_backward_pass else None
-    batches_per_epoch = ds.len_batches(c.train_batch_size * world)
+    r.ema = EMA(r.params, c.ema_decay, c.ema_device, c.ema_every) if c.ema_decay > 0 and (r.rank == 0 or r.fsdp) else None
+    r.grad_norms = fuse_steps_into_backward(r.params, r.optimizer, c.max_grad_norm, r.ema) if c.fused_backward_pass else None
+
+
+def flush_log(c, r, pending, log, bar):
+    """Turn the logged steps' device scalars into numbers with one host sync, and write them."""
+    if not pending:
+        return
+    flat = torch.cat([torch.cat([p["losses"], p["stats"]]) for p in pending]).tolist()  # the one sync
+    k = 0
+    for p in pending:
+        n = len(p["losses"])
+        v, k = flat[k:k + n + 2], k + n + 2
+        r.losses += v[:n]
+        rec = {"step": p["step"], "epoch": p["epoch"], "loss": sum(v[:n]) / n, "lr": p["lr"], "grad_norm": v[n],
+               "sigma": v[n + 1], "time": p["time"], "peak_gb": round(sample.peak_memory_gb(c.device), 3)}
+        if log:
+            log.write(json.dumps(rec) + "\n")
+    if log:
+        log.flush()
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", mem=f"{rec['peak_gb']:.1f}GB")
+    pending.clear()
+
+
+def train(c):
+    """c: the config namespace. Returns a dict with the losses and the paths written."""
+    r = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0, losses=[])
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    validate(c, world)
+    lumina2.ATTENTION = c.attention
+    r.dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
+    r.rank, r.world = setup_distributed(c)
+    r.fsdp = r.world > 1 and c.parallel == "fsdp"  # every rank holds a shard: saving gathers, each rank keeps its own state
+    os.makedirs(c.output_dir, exist_ok=True)
+    torch.manual_seed(c.seed)
+    random.seed(c.seed)
+
+    build_caches(c, r)
+    setup_model(c, r)
+    batches_per_epoch = r.ds.len_batches(c.train_batch_size * r.world)
     steps_per_epoch = math.ceil(batches_per_epoch / c.gradient_accumulation_steps)
     total_steps = c.max_train_steps or c.max_train_epochs * steps_per_epoch
     schedule = lr_lambda(c.lr_scheduler, c.lr_warmup_steps, total_steps)
-    noise_gen = torch.Generator().manual_seed(c.seed)  # noise and sigma come from here: resumable, device-independent
-    if rank == 0:
-        print(f"{c.train_mode}: {sum(p.numel() for p in params):,} trainable params; {len(ds)} images, "
-              f"{batches_per_epoch} batches/epoch of {c.train_batch_size} x {world} process(es), {total_steps} steps")
-
-    state_path = os.path.join(c.output_dir, f"{c.output_name}-state{f'-rank{rank}' if fsdp else ''}.pt")
-    step, epoch, batch_in_epoch = 0, 0, 0
+    r.noise_gen = torch.Generator().manual_seed(c.seed)  # noise and sigma come from here: resumable, device-independent
+    if r.rank == 0:
+        print(f"{c.train_mode}: {sum(p.numel() for p in r.params):,} trainable params; {len(r.ds)} images, "
+              f"{batches_per_epoch} batches/epoch of {c.train_batch_size} x {r.world} process(es), {total_steps} steps")
+    r.state_path = os.path.join(c.output_dir, f"{c.output_name}-state{f'-rank{r.rank}' if r.fsdp else ''}.pt")
     if c.resume:
-        if not os.path.exists(state_path):
-            raise SystemExit(f"resume=True but there is no training state at {state_path}")
-        st = torch.load(state_path, weights_only=False, map_location="cpu")
-        if st["world_size"] != world:  # the data position counts global batches of train_batch_size x world
-            raise SystemExit(f"{state_path} was saved by {st['world_size']} process(es); resume with the same number, not {world}")
-        with torch.no_grad():
-            for p, saved in zip(params, st["params"]):
-                local(p).copy_(saved)
-            for e, saved in zip(ema.shadow if ema else [], st["ema"] or []):
-                e.copy_(saved)
-        optimizer.load_state_dict(st["optimizer"])
-        noise_gen.set_state(st["noise_gen"])
-        set_rng_state(st["rng"])
-        step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
-        print(f"resumed from {state_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        resume_from(c, r)
 
-    def save_weights(path, meta):
-        if c.train_mode == "lora":
-            if rank == 0:
-                lora.save_lora(model, path, layout=c.save_layout, metadata=meta)
-        elif rank == 0 or fsdp:  # the whole model under the original keys, bf16, for load_dit, ComfyUI, sd-scripts
-            sd = full_state_dict(model)  # under FSDP2 a collective: every rank gathers
-            if rank == 0:
-                lumina2.save_file_atomic(sd, path, metadata=meta)
-
-    def save_checkpoint(tag):
-        path = os.path.join(c.output_dir, f"{c.output_name}{tag}.safetensors")
-        meta = {"ss_learning_rate": str(c.learning_rate), "ss_training_step": str(step), "ss_epoch": str(epoch),
-                "ss_timestep_sampling": c.timestep_sampling, "ss_system_prompt": c.system_prompt,
-                "ss_max_token_length": str(c.gemma2_max_token_length), "ss_seed": str(c.seed),
-                "ss_mixed_precision": c.mixed_precision, "ss_num_train_images": str(len(ds)),
-                "ss_optimizer": c.optimizer_type, "ss_train_mode": c.train_mode}
-        save_weights(path, meta)
-        if ema:
-            with ema.swapped_in():
-                save_weights(path.replace(".safetensors", "-ema.safetensors"), {**meta, "ss_ema_decay": str(c.ema_decay)})
-        if rank == 0 or fsdp:
-            save_atomic({"params": [local(p).detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-                         "ema": [e.cpu() for e in ema.shadow] if ema else None, "noise_gen": noise_gen.get_state(),
-                         "rng": rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "world_size": world, "config": vars(c)}, state_path)
-        return path
-
-    def save_samples(tag):
-        """Rank 0 samples and writes the grid; under FSDP2 every rank runs the forward with it (a collective)."""
-        if not (rank == 0 or fsdp):
-            return None
-        model.eval()
-        grid = []
-        for i, cond in enumerate(sample_cond):
-            noise = sample.seeded_noise([c.sample_seed + i], c.sample_height, c.sample_width).to(c.device)
-            lat = sample.sample(model, noise, cond, sample_uncond, c.sample_steps, c.sample_cfg, progress=False)
-            grid.append(lat)
-        model.train()
-        path = os.path.join(c.output_dir, "samples", f"{c.output_name}{tag}.png")
-        if rank == 0:
-            ae.to(c.device)
-            sample.save_grid(sample.decode_to_images(ae, torch.cat(grid)), path)  # decoded once, here
-            ae.to("cpu")
-        return path
-
-    # 3. the loop
+    # the loop: the loss, grad norm and sigma stay on the device; flush_log syncs once per logged step
     log_path = os.path.join(c.output_dir, f"{c.output_name}-log.jsonl")
-    log = open(log_path, "a") if rank == 0 else None
-    losses, t0 = [], time.time()
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=rank > 0)
-    while step < total_steps:
-        micro = 0
-        optimizer.lr = c.learning_rate * schedule(step)
-        for batch in ds.batches(c.train_batch_size, c.seed, epoch, c.caption_dropout_rate, skip=batch_in_epoch, rank=rank, world=world):
+    log = open(log_path, "a") if r.rank == 0 else None
+    pending, t0 = [], time.time()
+    r.model.train()
+    bar = tqdm(total=total_steps, initial=r.step, desc="train", dynamic_ncols=True, disable=r.rank > 0)
+    while r.step < total_steps:
+        micro, micro_losses, sigmas = 0, [], []
+        r.optimizer.lr = c.learning_rate * schedule(r.step)
+        if r.ema:
+            r.ema.set_step(r.step)
+        for batch in r.ds.batches(c.train_batch_size, c.seed, r.epoch, c.caption_dropout_rate, skip=r.batch_in_epoch,
+                                  rank=r.rank, world=r.world):
             # noise and sigma are drawn for the whole global batch on every rank and cut to this rank's share,
             # so N processes see exactly the draws one process with the combined batch would
             n, lo, hi = batch["global_size"], batch["start"], batch["start"] + len(batch["latents"])
             x0 = batch["latents"].to(c.device, torch.float32)
-            noise = torch.randn((n, *x0.shape[1:]), generator=noise_gen)[lo:hi].to(c.device)
-            sigma = sample_sigmas(n, c.timestep_sampling, x0.shape[-2:], noise_gen, c.discrete_flow_shift, c.sigmoid_scale)[lo:hi].to(c.device)
-            sync = micro + 1 == c.gradient_accumulation_steps or batch_in_epoch + 1 == batches_per_epoch
-            with net.no_sync() if world > 1 and c.parallel == "ddp" and not sync else contextlib.nullcontext():
-                loss = flow_matching_loss(net, x0, batch["cap_feats"].to(c.device), batch["cap_mask"].to(c.device), sigma, noise)
+            noise = torch.randn((n, *x0.shape[1:]), generator=r.noise_gen)[lo:hi].to(c.device)
+            sigma = sample_sigmas(n, c.timestep_sampling, x0.shape[-2:], r.noise_gen, c.discrete_flow_shift, c.sigmoid_scale)[lo:hi]
+            sync = micro + 1 == c.gradient_accumulation_steps or r.batch_in_epoch + 1 == batches_per_epoch
+            if r.fsdp:  # reduce-scatter once per optimizer step, not at every micro-step
+                r.net.set_requires_gradient_sync(sync)
+            with r.net.no_sync() if r.world > 1 and not r.fsdp and not sync else contextlib.nullcontext():
+                loss = flow_matching_loss(r.net, x0, batch["cap_feats"].to(c.device), batch["cap_mask"].to(c.device),
+                                          sigma.to(c.device), noise)
                 # this rank's mean, weighted by its share: averaged over ranks it is the global batch's mean
                 (loss * batch["weight"] / c.gradient_accumulation_steps).backward()
-            batch_in_epoch += 1
+            r.batch_in_epoch += 1
             micro += 1
-            losses.append(global_mean(loss.detach() * batch["weight"], world))
+            micro_losses.append(loss.detach() * batch["weight"])
+            sigmas.append(sigma.mean())
             if not sync:
                 continue
             if c.fused_backward_pass:  # the steps already ran inside backward
-                grad_norm = torch.stack(grad_norms).norm()
-                grad_norms.clear()
+                grad_norm = torch.stack(r.grad_norms).norm()
+                r.grad_norms.clear()
             else:
-                grad_norm = step_after_backward(params, optimizer, c.max_grad_norm, ema)
-            step += 1
-            window = losses[-micro:]
-            rec = {"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": optimizer.lr,
-                   "grad_norm": float(grad_norm), "sigma": sigma.mean().item(), "time": round(time.time() - t0, 3),
-                   "peak_gb": round(sample.peak_memory_gb(), 3)}
-            if log:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{optimizer.lr:.2e}", mem=f"{rec['peak_gb']:.1f}GB")
+                grad_norm = step_after_backward(r.params, r.optimizer, c.max_grad_norm, r.ema)
+            r.step += 1
+            losses = torch.stack(micro_losses)
+            if r.world > 1:  # one small all-reduce per optimizer step, for the log
+                dist.all_reduce(losses)
+                losses = losses / r.world
+            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+            pending.append({"step": r.step, "epoch": r.epoch, "losses": losses.float(), "lr": r.optimizer.lr,
+                            "stats": torch.stack([grad_norm.float(), torch.stack(sigmas).mean().to(grad_norm.device)]),
+                            "time": round(time.time() - t0, 3)})
             bar.update(1)
-            micro = 0
-            optimizer.lr = c.learning_rate * schedule(step)
-            if batch_in_epoch == batches_per_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
-            if c.save_every_n_steps and step % c.save_every_n_steps == 0:
-                save_checkpoint(f"-step{step:06d}")
-            if c.sample_prompts and c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
-                save_samples(f"-step{step:06d}")
-            if batch_in_epoch == 0:
-                if c.save_every_n_epochs and epoch % c.save_every_n_epochs == 0 and step < total_steps:
-                    save_checkpoint(f"-{epoch:06d}")
-                if c.sample_prompts and c.sample_every_n_epochs and epoch % c.sample_every_n_epochs == 0:
-                    save_samples(f"-e{epoch:06d}")
+            if r.step % c.log_every == 0 or r.step == total_steps:
+                flush_log(c, r, pending, log, bar)
+            micro, micro_losses, sigmas = 0, [], []
+            r.optimizer.lr = c.learning_rate * schedule(r.step)
+            if r.ema:
+                r.ema.set_step(r.step)
+            if r.batch_in_epoch == batches_per_epoch:
+                r.epoch, r.batch_in_epoch = r.epoch + 1, 0
+            if c.save_every_n_steps and r.step % c.save_every_n_steps == 0:
+                save_checkpoint(c, r, f"-step{r.step:06d}")
+            if c.sample_prompts and c.sample_every_n_steps and r.step % c.sample_every_n_steps == 0:
+                save_samples(c, r, f"-step{r.step:06d}")
+            if r.batch_in_epoch == 0:
+                if c.save_every_n_epochs and r.epoch % c.save_every_n_epochs == 0 and r.step < total_steps:
+                    save_checkpoint(c, r, f"-{r.epoch:06d}")
+                if c.sample_prompts and c.sample_every_n_epochs and r.epoch % c.sample_every_n_epochs == 0:
+                    save_samples(c, r, f"-e{r.epoch:06d}")
                 break  # a new epoch draws a new order
-            if step >= total_steps:
+            if r.step >= total_steps:
                 break
+    flush_log(c, r, pending, log, bar)
     bar.close()
     if log:
         log.close()
-    final = save_checkpoint("")
-    sample_path = save_samples("-final") if c.sample_prompts else None
-    if rank == 0:
+    final = save_checkpoint(c, r, "")
+    sample_path = save_samples(c, r, "-final") if c.sample_prompts else None
+    if r.rank == 0:
         print(f"{'LoRA' if c.train_mode == 'lora' else 'model'}: {final}\nsamples: {sample_path}\nlog: {log_path}\n"
-              f"{step} steps in {time.time() - t0:.1f}s, loss (mean of 20 batches) first {mean(losses[:20]):.4f}, "
-              f"last {mean(losses[-20:]):.4f}, peak {sample.peak_memory_gb():.2f} GB")
-    if world > 1:
+              f"{r.step} steps in {time.time() - t0:.1f}s, loss (mean of 20 batches) first {mean(r.losses[:20]):.4f}, "
+              f"last {mean(r.losses[-20:]):.4f}, peak {sample.peak_memory_gb(c.device):.2f} GB")
+    if r.world > 1:
         dist.barrier()  # rank 0 may still be writing: leave together
         dist.destroy_process_group()
-    return {"losses": losses, "lora": final, "state": state_path, "log": log_path, "samples": sample_path,
-            "model": model, "ema": ema}
+    return {"losses": r.losses, "lora": final, "state": r.state_path, "log": log_path, "samples": sample_path,
+            "model": r.model, "ema": r.ema}
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def main(argv=None):
