@@ -261,7 +261,7 @@ def main(argv=None):
     if c.demo:
         import data
         c.dit_path, c.gemma_path, c.ae_path = (data.make_demo_weights(DEMO_DIR)[k] for k in ("dit", "gemma", "ae"))
-    lumina2.ATTENTION = c.attention
+    lumina2.set_attention(c.attention, getattr(torch, c.dtype), c.device)
     if c.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     te, dit, ae = load_models(c, getattr(torch, c.dtype), "cpu" if c.offload == "model" else c.device)

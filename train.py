@@ -382,8 +382,8 @@ def train(c):
     if c.optimizer_type == "Adafactor" and c.learning_rate < 1e-4:
         warnings.warn(f"learning_rate={c.learning_rate} with torch's Adafactor caps each step at that fraction of the "
                       "weight's RMS (about 0.02 here): sd-scripts' absolute 1e-5 corresponds to about 5e-4")
-    lumina2.ATTENTION = c.attention
     dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
+    lumina2.set_attention(c.attention, dtype, c.device)
     rank, world = setup_distributed(c)
     fsdp = world > 1 and c.parallel == "fsdp"  # every rank holds a shard: saving gathers, each rank keeps its own state
     if c.fused_backward_pass and (c.train_mode != "full" or c.gradient_accumulation_steps != 1 or world > 1):
