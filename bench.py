@@ -256,7 +256,7 @@ def main(argv=None):
     unknown = set(c.cases) - set(CASES)
     if unknown:
         raise SystemExit(f"unknown cases {sorted(unknown)}; known: {list(CASES)}")
-    lumina2.ATTENTION = c.attention
+    lumina2.set_attention(c.attention, torch.bfloat16, c.device)
     cfg = dit_config(c)
     sd = random_weights(cfg)
     ceiling = matmul_ceiling(c.device)

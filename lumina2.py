@@ -15,16 +15,19 @@ returns the velocity v = x0 - noise. Weights are stored in bf16; the fp32 island
     python -c "import lumina2; m = lumina2.load_dit('lumina_2_model_bf16.safetensors'); print(m)"
     python -c "import lumina2; te = lumina2.load_text_encoder('gemma_2_2b_fp16.safetensors'); print(te(['a cat'])[0].shape)"
 """
+import contextlib
 import json
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTENTION = "sdpa"  # "sdpa" (torch kernels, flash when unmasked), "flash" (flash-attn varlen), "math" (fp32 reference)
+ATTENTION = "sdpa"  # "sdpa" | "flash" | "sage" | "math" (fp32 reference); set it with set_attention(), which checks it
 GEMMA_SOFTCAP = True  # Gemma-2's attention logit softcap of 50 (HF/official); False = ComfyUI/sd-scripts numerics
 
 # -----------------------------------------------------------------------------
@@ -77,25 +80,144 @@ def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
 
 
 # -----------------------------------------------------------------------------
-# attention: one function, three backends chosen by ATTENTION
+# attention: one function, four backends, chosen once at start-up by set_attention()
+
+BACKENDS = ("sdpa", "flash", "sage", "math")
+HALF = (torch.float16, torch.bfloat16)  # the only dtypes the flash-attn and sageattention kernels take
+FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]  # MATH left out
+ROUTES = {}  # route -> attention() calls since the last set_attention() (eager calls; see attention())
+flash_attn_func = flash_attn_varlen_func = sageattn = sageattn_varlen = None  # bound by set_attention()
+
+
+def import_kernels(name):
+    """Bind the flash-attn or sageattention kernels to this module's names (tests replace them with references)."""
+    global flash_attn_func, flash_attn_varlen_func, sageattn, sageattn_varlen
+    try:
+        if name == "flash":
+            from flash_attn import flash_attn_func, flash_attn_varlen_func
+        else:
+            from sageattention import sageattn, sageattn_varlen
+    except ImportError as e:
+        hint = ("the flash-attn package (pip install flash-attn --no-build-isolation)" if name == "flash" else
+                "the sageattention package with sageattn and sageattn_varlen (pip install -U sageattention)")
+        raise ImportError(f"attention={name!r} needs {hint}, CUDA only; or use attention='sdpa'") from e
+
+
+def set_attention(name, dtype=None, device=None):
+    """Select the attention backend of every later forward. The scripts call it once at start-up, before any
+    caching, so a bad choice fails in the first second. For flash and sage it checks that the device is CUDA,
+    that dtype (the weights' dtype) is fp16/bf16, since their kernels take nothing else (fp32 is rejected, not
+    quietly run another way), and that the package imports. dtype or device None skips that check; the dtype is
+    checked again at call time. Clears ROUTES."""
+    global ATTENTION
+    if name not in BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
+    if name in ("flash", "sage"):
+        if device is not None and torch.device(device).type != "cuda":
+            raise ValueError(f"attention={name!r} runs only on CUDA, not on device={str(device)!r}: use attention='sdpa' there")
+        if dtype is not None and dtype not in HALF:
+            raise ValueError(f"attention={name!r} needs bf16 or fp16 weights, got {dtype}: its kernels take no fp32. Load the "
+                             "model in bf16 (train.py mixed_precision='bf16', sample.py dtype='bfloat16'), or use attention='sdpa'")
+        import_kernels(name)
+    ATTENTION = name
+    ROUTES.clear()
+
+
+class AttentionMask(NamedTuple):
+    """One forward's key mask in the forms its backend takes. NextDiT.forward builds one per sequence with
+    attention_mask() and every block reads it, so no block (or checkpoint recompute) syncs with the host."""
+    backend: str  # the ATTENTION it was built for
+    keys: torch.Tensor  # (B, S) bool, True = a valid key
+    bias: torch.Tensor | None = None  # sdpa: (B, 1, 1, S) additive, 0 or -inf, in the compute dtype
+    indices: torch.Tensor | None = None  # flash/sage: (N,) long, the valid tokens' places in the flattened B*S tokens
+    cu_seqlens: torch.Tensor | None = None  # flash/sage: (B+1,) int32 cumulative valid lengths
+    max_seqlen: int = 0  # flash/sage: the longest valid length
+
+
+def attention_mask(keys, max_len, dtype):
+    """keys (B, S) bool key mask, max_len its largest row count (a Python int the caller already holds, so no
+    sync), dtype the compute dtype -> AttentionMask with only the fields ATTENTION needs. The varlen backends
+    pay one host sync here (nonzero); sdpa and math none."""
+    if ATTENTION == "sdpa":
+        bias = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill(~keys, float("-inf"))
+        return AttentionMask(ATTENTION, keys, bias=bias[:, None, None, :])
+    if ATTENTION in ("flash", "sage"):
+        cu_seqlens = F.pad(keys.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+        return AttentionMask(ATTENTION, keys, indices=keys.flatten().nonzero().squeeze(1), cu_seqlens=cu_seqlens, max_seqlen=max_len)
+    return AttentionMask(ATTENTION, keys)
+
+
+def fused_sdpa_only(device):
+    """Whether SDPA on `device` may run only fused kernels: on CUDA its math fallback materialises fp32
+    (B, H, S, S) scores, so it must fail loudly rather than run slowly. A function so CPU tests can turn it on."""
+    return device.type == "cuda"
+
+
+def attention_route(q, mask):
+    """The path attention() takes for q (its device and dtype) and mask under ATTENTION; plain Python, no device work."""
+    if ATTENTION == "sdpa":
+        if mask is not None:
+            return "sdpa-expanded-masked"
+        # CUDA's flash SDPA has GQA but takes only fp16/bf16; in fp32 the memory-efficient kernel runs, which has no GQA
+        return "sdpa-expanded-unmasked" if fused_sdpa_only(q.device) and q.dtype not in HALF else "sdpa-gqa-unmasked"
+    if ATTENTION == "math":
+        return "math"
+    return ATTENTION + ("-dense" if mask is None else "-varlen")
+
+
+def attention_report(device):
+    """For bench.py: the backend, the SDPA kernels the guard allows on `device` ("any" where there is no guard)
+    and the routes attention() took since set_attention(), with call counts."""
+    allowed = [b.name for b in FUSED_SDPA] if fused_sdpa_only(torch.device(device)) else ["any"]
+    return dict(attention=ATTENTION, sdpa_allowed=allowed, routes=dict(ROUTES))
 
 
 def attention(q, k, v, mask):
-    """q (B, S, Hq, D), k/v (B, S, Hkv, D) with query head h reading kv head h // (Hq/Hkv);
-    mask (B, S) bool key mask, or None when every key is valid. Returns (B, S, Hq, D)."""
-    if ATTENTION == "sdpa":
-        m = None if mask is None else mask[:, None, None, :]
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, enable_gqa=True)
-        return o.transpose(1, 2)
-    if ATTENTION == "math":
-        return math_attention(q, k, v, mask)
-    if ATTENTION == "flash":
-        return flash_attention(q, k, v, mask)
-    raise ValueError(f"ATTENTION must be 'sdpa', 'flash' or 'math', got {ATTENTION!r}")
+    """q (B, S, Hq, D), k/v (B, S, Hkv, D) with query head h reading kv head h // (Hq/Hkv); mask None (every key
+    valid) or the forward's AttentionMask. Returns (B, S, Hq, D).
+    Routes on CUDA: sdpa unmasked fp16/bf16 -> flash SDPA with native GQA; sdpa masked (or fp32) -> K/V expanded
+    to the query heads plus the additive bias -> memory-efficient / cuDNN SDPA; flash/sage unmasked -> the dense
+    kernel, masked -> its varlen kernel on the valid tokens (masked query rows come back 0; those rows are
+    discarded downstream). Calls traced by torch.compile are not counted in ROUTES (a traced count would be a
+    constant); the route depends only on ATTENTION, the mask's presence, the device and the dtype."""
+    route = attention_route(q, mask)
+    if not torch.compiler.is_compiling():
+        ROUTES[route] = ROUTES.get(route, 0) + 1
+    if mask is not None and mask.backend != ATTENTION:
+        raise RuntimeError(f"an attention mask built for {mask.backend!r} reached attention={ATTENTION!r}: "
+                           "call set_attention() before the forward, not during it")
+    if route == "math":
+        return math_attention(q, k, v, None if mask is None else mask.keys)
+    if route == "sdpa-gqa-unmasked":
+        return sdpa(q, k, v, gqa=True)
+    if route.startswith("sdpa"):
+        # the memory-efficient and cuDNN kernels take a mask but no GQA, so each kv head is repeated for its
+        # query heads (B, S, Hq, D) as diffusers does; flash SDPA would take GQA but takes no mask
+        groups = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        return sdpa(q, k, v, bias=None if mask is None else mask.bias.to(q.dtype))
+    check_kernel_inputs(q, k, v)
+    if route == "flash-dense":
+        return flash_attn_func(q, k, v)
+    if route == "flash-varlen":
+        return varlen(flash_attn_varlen_func, q, k, v, mask)
+    if route == "sage-dense":
+        return sageattn(q, k, v, tensor_layout="NHD")  # GQA by head groups, like flash-attn
+    return varlen(sageattn_varlen, q, k, v, mask)
+
+
+def sdpa(q, k, v, bias=None, gqa=False):
+    """F.scaled_dot_product_attention on (B, S, H, D) tensors, bias None or (B, 1, 1, S) additive. Where
+    fused_sdpa_only(), only FUSED_SDPA may run: inputs none of them takes raise "No available kernel" (with
+    torch's warnings saying why each kernel declined) instead of running the math fallback."""
+    guard = sdpa_kernel(FUSED_SDPA) if fused_sdpa_only(q.device) else contextlib.nullcontext()
+    with guard:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, enable_gqa=gqa)
+    return o.transpose(1, 2)
 
 
 def math_attention(q, k, v, mask):
-    """The readable reference. fp32 island: scores, softmax and the weighted sum run in fp32."""
+    """The readable reference; mask (B, S) bool or None. fp32 island: scores, softmax and the weighted sum run in fp32."""
     groups = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
@@ -104,22 +226,25 @@ def math_attention(q, k, v, mask):
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).type_as(q)
 
 
-def flash_attention(q, k, v, mask):
-    """flash-attn: dense when unmasked, else varlen over the valid tokens (masked query rows come back 0)."""
-    try:
-        from flash_attn import flash_attn_func, flash_attn_varlen_func
-    except ImportError as e:
-        raise ImportError("ATTENTION='flash' needs the flash-attn package (pip install flash-attn "
-                          "--no-build-isolation, CUDA only); or use ATTENTION='sdpa'") from e
-    if mask is None:
-        return flash_attn_func(q, k, v)
+def check_kernel_inputs(q, k, v):
+    """The call-time twin of set_attention()'s checks, for inputs that reach the flash/sage kernels anyway."""
+    if (flash_attn_func if ATTENTION == "flash" else sageattn) is None:
+        raise RuntimeError(f"attention={ATTENTION!r} has no kernel bound: select it with lumina2.set_attention({ATTENTION!r}, dtype, device)")
+    if q.dtype not in HALF:
+        raise TypeError(f"attention={ATTENTION!r} got {q.dtype} q/k/v, but its kernels take only fp16/bf16: "
+                        "load the model in bf16, or use attention='sdpa'")
+    if ATTENTION == "sage" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("attention='sage' has no backward (sageattention is inference only): "
+                           "sample with it, train with 'sdpa' or 'flash'")
+
+
+def varlen(kernel, q, k, v, mask):
+    """Run a varlen kernel (flash_attn_varlen_func or sageattn_varlen: packed (N, heads, D) tokens, int32
+    cu_seqlens, GQA by head groups) on the valid tokens only, then scatter back: masked query rows come back 0."""
     B, S, H, D = q.shape
-    idx = mask.flatten().nonzero().squeeze(1)
-    lens = mask.sum(1, dtype=torch.int32)
-    cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-    n = int(lens.max())
-    o = flash_attn_varlen_func(q.flatten(0, 1)[idx], k.flatten(0, 1)[idx], v.flatten(0, 1)[idx], cu, cu, n, n)
-    return q.new_zeros(B * S, H, D).index_copy(0, idx, o).view(B, S, H, D)
+    pack = lambda t: t.flatten(0, 1).index_select(0, mask.indices)  # (N, heads, D)
+    o = kernel(pack(q), pack(k), pack(v), mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen)
+    return q.new_zeros(B * S, H, D).index_copy(0, mask.indices, o).view(B, S, H, D)
 
 
 # -----------------------------------------------------------------------------
@@ -183,7 +308,8 @@ class TransformerBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(dim, 1024), 4 * dim))
 
     def forward(self, x, mask, rope, c=None):
-        # x (B, S, dim), mask (B, S) key mask or None, rope (cos, sin) each (B, S, head_dim/2), c (B, 1024)
+        # x (B, S, dim), mask None (every key valid) or the forward's AttentionMask, rope (cos, sin) each
+        # (B, S, head_dim/2), c (B, 1024)
         if c is None:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, rope))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
@@ -249,7 +375,9 @@ class NextDiT(nn.Module):
         # trimming padding to the longest caption makes the result independent of the padded length, and
         # when all captions have one length no mask is needed at all (the fast, unmasked kernels run)
         cap_mask = cap_mask[:, :L].bool()
-        key_mask = None if bool(cap_mask.all()) else cap_mask
+        # one mask object per sequence and forward, read by every block: caption (B, L), joint (B, L + h*w)
+        cap_attn = None if bool(cap_mask.all()) else attention_mask(cap_mask, L, dtype)
+        joint_attn = None if cap_attn is None else attention_mask(F.pad(cap_mask, (0, h * w), value=True), L + h * w, dtype)
 
         # positions: caption token j -> (j, 0, 0); image patch (r, c) -> (cap_len, r, c)
         dev = x.device
@@ -262,7 +390,7 @@ class NextDiT(nn.Module):
         c = self.t_embedder(t)  # (B, min(dim, 1024))
         cap = self.cap_embedder(cap_feats[:, :L].to(dtype))  # (B, L, dim)
         for layer in self.context_refiner:
-            cap = layer(cap, key_mask, cap_rope)
+            cap = layer(cap, cap_attn, cap_rope)
         cap = cap.masked_fill(~cap_mask[..., None], 0)  # padded slots carry no garbage into the joint sequence
 
         img = self.x_embedder(patchify(x.to(dtype), p))  # (B, h*w, dim)
@@ -272,10 +400,9 @@ class NextDiT(nn.Module):
         # joint sequence [caption (L, padded) ; image]: with the padded caption slots masked as keys this
         # equals the official [caption (cap_len) ; image ; padding] layout, since positions are explicit
         x = torch.cat([cap, img], dim=1)
-        mask = None if key_mask is None else F.pad(key_mask, (0, h * w), value=True)
         rope = tuple(torch.cat(pair, dim=1) for pair in zip(cap_rope, img_rope))
         for layer in self.layers:
-            x = layer(x, mask, rope, c)
+            x = layer(x, joint_attn, rope, c)
         return unpatchify(self.final_layer(x[:, L:], c), H, W, p).float()
 
 

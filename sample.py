@@ -48,7 +48,7 @@ shift = 6.0  # static time shift of the sigma grid
 seeds = [0]  # one image per seed and prompt; a config file may say list(range(8))
 batch_size = 1  # images per DiT batch (a batch holds one prompt); the result does not depend on it
 dtype = "bfloat16"  # weights: "bfloat16" | "float16" | "float32"; x, sigma and CFG math stay fp32
-attention = "sdpa"  # "sdpa" | "flash" | "math" (sets lumina2.ATTENTION)
+attention = "sdpa"  # "sdpa" | "flash" | "sage" | "math" (lumina2.set_attention; sd-scripts --use_flash_attn / --use_sage_attn)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 offload = "none"  # "none": all on device; "model": models wait in CPU RAM, each on the device only while used
 dit_path = "models/lumina_2_model_bf16.safetensors"
@@ -263,7 +263,10 @@ def main(argv=None):
     if c.demo:
         import data
         c.dit_path, c.gemma_path, c.ae_path = (data.make_demo_weights(DEMO_DIR)[k] for k in ("dit", "gemma", "ae"))
-    lumina2.ATTENTION = c.attention
+    try:
+        lumina2.set_attention(c.attention, getattr(torch, c.dtype), c.device)
+    except (ValueError, ImportError) as e:
+        raise SystemExit(str(e)) from None
     if c.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     te, dit, ae = load_models(c, getattr(torch, c.dtype), "cpu" if c.offload == "model" else c.device)

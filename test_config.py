@@ -33,7 +33,7 @@ def run(weights, out, *args):
 
 BAD = [("--lr_scheduler=cosin", "lr_scheduler='cosin' is not one of"), ("--save_layout=x", "save_layout='x' is not one of"),
        ("--mixed_precision=fp16", "mixed_precision='fp16' is not one of 'bf16', 'no'"),
-       ("--attention=flahs", "attention='flahs' is not one of"), ("--optimizer_type=adamw", "did you mean 'AdamW'"),
+       ("--attention=flahs", "got 'flahs'"), ("--optimizer_type=adamw", "did you mean 'AdamW'"),
        ("--timestep_sampling=logit", "timestep_sampling='logit'"), ("--train_mode=dora", "train_mode='dora'"),
        ("--bf16_update=nearest", "bf16_update='nearest'"), ("--parallel=tp", "parallel='tp'"),
        ("--learning_rate=-1e-4", "learning_rate=-0.0001 must be > 0"), ("--network_dim=0", "network_dim=0 must be >= 1"),
@@ -46,7 +46,7 @@ BAD = [("--lr_scheduler=cosin", "lr_scheduler='cosin' is not one of"), ("--save_
        ("--fused_backward_pass=True", "fused_backward_pass needs train_mode='full'"),
        ("--blocks_to_swap=4 --train_mode=full", "blocks_to_swap needs train_mode='lora'"),
        ("--fp8_base=True --train_mode=full", "fp8_base stores the frozen base in fp8"),
-       ("--attention=flash", "runs in bf16 only")]
+       ("--attention=flash", "attention='flash' runs only on CUDA"), ("--attention=sage", "has no backward pass")]
 
 
 @pytest.mark.parametrize("flags,message", BAD, ids=[b[0] for b in BAD])

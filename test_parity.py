@@ -304,77 +304,12 @@ def test_comfyui_all_in_one_checkpoint_loads(tmp_path, gemma_file):
 
 
 # -----------------------------------------------------------------------------
-# attention backends, dtypes, padding and batching invariances
+# dtypes (attention backends, padding and batching invariances: test_attention.py)
 
 @pytest.fixture
 def tiny_dit():
     torch.manual_seed(0)
     return perturb_norms(lumina2.NextDiT(**dict(lumina2.DIT_PRESETS["tiny"], cap_feat_dim=32))).eval()
-
-
-@pytest.fixture
-def backend():
-    saved = lumina2.ATTENTION
-    yield
-    lumina2.ATTENTION = saved
-
-
-@pytest.mark.parametrize("name", ["sdpa", "math", "flash"])
-def test_attention_backends_agree(name, backend):
-    if name == "flash":
-        pytest.importorskip("flash_attn", reason="flash-attn is not installed (CUDA only)")
-        if not torch.cuda.is_available():
-            pytest.skip("flash-attn needs a CUDA device")
-    dev = "cuda" if name == "flash" else "cpu"
-    dtype = torch.bfloat16 if name == "flash" else torch.float32
-    g = torch.Generator().manual_seed(0)
-    B, S, Hq, Hkv, D = 3, 11, 6, 2, 16
-    q, k, v = (torch.randn(B, S, h, D, generator=g) for h in (Hq, Hkv, Hkv))
-    mask = torch.arange(S)[None] < torch.tensor([11, 4, 8])[:, None]
-    # independent reference: per sample, per head, only the valid keys, kv head h // (Hq / Hkv)
-    want = torch.zeros(B, S, Hq, D)
-    for b in range(B):
-        n = int(mask[b].sum())
-        for h in range(Hq):
-            kh, vh = k[b, :n, h // (Hq // Hkv)], v[b, :n, h // (Hq // Hkv)]
-            want[b, :, h] = torch.softmax(q[b, :, h] @ kh.T / D ** 0.5, dim=-1) @ vh
-    lumina2.ATTENTION = name
-    for m in (mask, None):
-        ref = want if m is not None else lumina2.math_attention(q, k, v, None)
-        got = lumina2.attention(*(t.to(dev, dtype) for t in (q, k, v)), None if m is None else m.to(dev)).float().cpu()
-        valid = mask if m is not None and name == "flash" else torch.ones_like(mask)  # flash zeroes masked query rows
-        assert rel_err(got[valid], ref[valid]) <= (1e-2 if dtype == torch.bfloat16 else 1e-6)
-
-
-def test_dit_backends_agree(tiny_dit, backend):
-    x, t, cap, mask = ragged_batch()
-    outs = {}
-    with torch.no_grad():
-        for name in ("sdpa", "math"):
-            lumina2.ATTENTION = name
-            outs[name] = tiny_dit(x, t, cap, mask)
-    assert rel_err(outs["sdpa"], outs["math"]) <= 1e-5
-
-
-def test_padding_invariance(tiny_dit):
-    x, t, cap, mask = ragged_batch()
-    with torch.no_grad():
-        ref = tiny_dit(x, t, cap, mask)
-        # pad to 256 with junk in the padded slots: the output must not move
-        pad = torch.randn(3, 256 - cap.shape[1], cap.shape[2]) * 1000
-        long = tiny_dit(x, t, torch.cat([cap, pad], 1), torch.nn.functional.pad(mask, (0, pad.shape[1])))
-    assert torch.equal(ref, long)
-
-
-def test_batch_of_3_equals_three_batches_of_1(tiny_dit):
-    x, t, cap, mask = ragged_batch()
-    with torch.no_grad():
-        batched = tiny_dit(x, t, cap, mask)
-        single = torch.cat([tiny_dit(x[i:i + 1], t[i:i + 1], cap[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())])
-                            for i in range(3)])
-    err = rel_err(batched, single)
-    print(f"batch of 3 vs 3 x batch of 1, fp32: rel err {err:.2e}")
-    assert err <= 1e-5
 
 
 def test_bf16_forward_stays_near_fp32(tiny_dit):

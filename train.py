@@ -97,7 +97,7 @@ sample_cfg = 4.0
 sample_seed = 0
 resume = False  # continue from output_dir/output_name-state.pt
 device = "cuda" if torch.cuda.is_available() else "cpu"
-attention = "sdpa"  # sdpa | flash | sage | math (lumina2.set_attention; sd-scripts --use_flash_attn / --use_sage_attn)
+attention = "sdpa"  # sdpa | flash | math (lumina2.set_attention; sd-scripts --use_flash_attn); sage samples only
 blocks_to_swap = 0  # --blocks_to_swap: this many of the 26 main layers wait in CPU RAM and stream to the device
 fp8_base = False  # --fp8_base: frozen base Linear weights stored as float8_e4m3fn with a scale (LoRA only)
 compile = False  # torch.compile each block (regional), dynamic sequence length
@@ -374,7 +374,7 @@ CHOICES = {"train_mode": ("lora", "full"), "save_layout": ("kohya", "diffusion_m
            "timestep_sampling": ("nextdit_shift", "lognorm", "shift", "sigmoid", "uniform"),
            "model_prediction_type": ("raw",),  # the model already predicts v = x0 - noise
            "mixed_precision": ("bf16", "no"),  # fp16 is not offered: Gemma-2 and the DiT overflow in fp16
-           "bf16_update": ("stochastic", "master"), "parallel": ("ddp", "fsdp"), "attention": ("sdpa", "flash", "sage", "math")}
+           "bf16_update": ("stochastic", "master"), "parallel": ("ddp", "fsdp")}
 NONNEG = (lambda v: v >= 0, ">= 0")
 POSITIVE = (lambda v: v > 0, "> 0")
 AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
@@ -442,12 +442,17 @@ def validate(c, world):
         (c.blocks_to_swap > 0 and c.train_mode == "full",
          "blocks_to_swap needs train_mode='lora': in full mode the swapped blocks' gradients and optimizer states would have "
          "to live in CPU RAM and be stepped there; use gradient checkpointing + Adafactor + fused_backward_pass instead"),
+        (c.attention == "sage", "attention='sage' has no backward pass (sageattention's kernels are inference-only): "
+                                "train with 'sdpa' or 'flash' and use sage in sample.py"),
         (c.blocks_to_swap > 0 and world > 1 and c.parallel == "fsdp", "blocks_to_swap cannot combine with FSDP2, which owns the weights' placement"),
         (c.fp8_base and c.train_mode == "full", "fp8_base stores the frozen base in fp8: it needs train_mode='lora'"),
-        (c.attention in ("flash", "sage") and c.mixed_precision != "bf16",
-         f"attention={c.attention!r} runs in bf16 only (its kernels take fp16/bf16): set mixed_precision='bf16' or attention='sdpa'"),
     ]
     problems += [msg for bad, msg in combos if bad]
+    if not device_problem(c.device, "device"):
+        try:  # the backend's name, its package, its device and its dtype
+            lumina2.set_attention(c.attention, torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32, c.device)
+        except (ValueError, ImportError) as e:
+            problems.append(str(e))
     if problems:
         raise SystemExit("config errors:\n  - " + "\n  - ".join(problems))
     if c.optimizer_type == "Adafactor" and c.learning_rate < 1e-4:
@@ -645,8 +650,7 @@ def train(c):
     """c: the config namespace. Returns a dict with the losses and the paths written."""
     r = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0, losses=[])
     world = int(os.environ.get("WORLD_SIZE", 1))
-    validate(c, world)
-    lumina2.ATTENTION = c.attention
+    validate(c, world)  # also sets the attention backend
     r.dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
     r.rank, r.world = setup_distributed(c)
     r.fsdp = r.world > 1 and c.parallel == "fsdp"  # every rank holds a shard: saving gathers, each rank keeps its own state
