@@ -2,30 +2,33 @@
 Benchmark one step of training and sampling on one GPU: ours and diffusers' Lumina2Transformer2DModel,
 on the same random 2B weights and the same inputs, in the same run. Prints one table (ms, TFLOP/s, MFU
 against a bf16 matmul ceiling measured here, peak GB, ratio to diffusers) and the GPU correctness checks
-(bf16 vs fp32, ours vs diffusers), and writes it all to bench.json.
+(bf16 vs fp32, ours vs diffusers), the attention routes each case took, and writes it all to bench.json.
 
 Cases: LoRA rank 16 at bs 1 without and with checkpointing and at bs 4 with it; full fine-tuning at bs 1
 (Adafactor + bf16 stochastic rounding + step fused into backward + checkpointing: the 16 GB recipe; and
 AdamW with the step after backward); the CFG sampling step (cond + uncond as one batch of 2). Diffusers
 runs LoRA-like (base frozen, x_embedder trainable, so backward reaches the input) and its CFG step.
-Model FLOPs come from torch's FlopCounterMode on our forward (a 1- and a 2-layer model, extrapolated to all
-layers, which are identical); training counts 2x forward (frozen base: no weight gradients) or 3x (full),
-never the recomputation of checkpointing. Peak memory is the CUDA allocator's peak per case; on a CPU it
+Model FLOPs are counted analytically (forward_flops: every matmul, attention over the padded caption);
+training counts 2x forward (frozen base: no weight gradients) or 3x (full), never the recomputation of
+checkpointing. Peak memory is the CUDA allocator's peak per case; on a CPU it
 is the process's peak RSS since start, so run one case at a time there.
 
     python bench.py                                    # H200: 2B, 1024^2, captions 256 padded / 120 valid
     python bench.py --iters=20 --side=512 --cases='["full_adafactor_fused"]'
     python bench.py --smoke=True                       # one 2304-wide layer, 64^2, CPU: checks the script runs
+    python bench.py --check=True                       # the GPU check: pytest -m cuda + the table, to $OUT
+    python bench.py --check=True --smoke=True          # the same check on a CPU in seconds (test_bench.py runs it)
     python bench.py --device=cpu --side=1024 --cases='["full_adafactor_fused"]' --checks=False --diffusers=False --iters=1 --warmup=0
 """
 import gc
 import json
 import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import lora
 import lumina2
@@ -46,6 +49,7 @@ diffusers = True  # also time diffusers' Lumina2Transformer2DModel (needs the di
 cases = []  # a subset of CASES by name; [] = all
 checks = True  # bf16 vs fp32 and ours vs diffusers on this device first
 smoke = False  # a one-layer 2304-wide model at 64^2 on CPU, one step per case: checks that every case runs
+check = False  # the GPU check: pytest -m cuda, then this table at few iters, JSON + markdown to $OUT (default ./out)
 out = "bench.json"
 # -----------------------------------------------------------------------------
 
@@ -59,7 +63,7 @@ def reset_peak(dev):
     gc.collect()  # the fused step's hooks make reference cycles: free the previous case's model before measuring
     if torch.device(dev).type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(dev)
 
 
 def timed(step, n, warm, dev):
@@ -76,9 +80,10 @@ def timed(step, n, warm, dev):
 
 def matmul_ceiling(dev):
     """bf16 TFLOP/s of a large square matmul: the ceiling MFU is quoted against."""
-    n = 8192 if dev.startswith("cuda") else 1024
+    gpu = torch.device(dev).type == "cuda"
+    n = 8192 if gpu else 1024
     a, b = torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    ms, _ = timed(lambda: a @ b, 20 if dev.startswith("cuda") else 2, 3 if dev.startswith("cuda") else 1, dev)
+    ms, _ = timed(lambda: a @ b, 20 if gpu else 2, 3 if gpu else 1, dev)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
@@ -131,18 +136,31 @@ def inputs(c, cfg, bs, seed=1):
     return [v.to(c.device) for v in (x0, noise, cap, mask, sigma)]
 
 
-def forward_flops(cfg, dev, x, t, cap, mask):
-    """FLOPs of one forward of the full-depth model, counted on a 1- and a 2-layer model (cheap anywhere):
-    the layers are identical, so flops(n) = flops(1) + (n - 1) (flops(2) - flops(1))."""
-    counts = []
-    for n in (1, 2):
-        with torch.device("meta"):
-            m = lumina2.NextDiT(**dict(cfg, n_layers=n))
-        m = m.to_empty(device=dev).to(torch.bfloat16)
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            m(x, t, cap, mask)
-        counts.append(fc.get_total_flops())
-    return counts[0] + (cfg["n_layers"] - 1) * (counts[1] - counts[0])
+def forward_flops(cfg, batch, cap_len, image_tokens):
+    """Matmul FLOPs of one NextDiT forward, counted analytically (FlopCounterMode cannot be run on every
+    device: torch 2.11's CUDA sdpa_flop_count asserts equal q/kv heads on the unmasked GQA path). cap_len is
+    the caption length the blocks see (the forward trims to the batch's longest caption; padded slots below
+    that are computed and masked, so they count); image_tokens = (side / 8 / patch)^2. A Linear costs
+    2 * in * out per row it sees, attention 4 * S^2 * head_dim * n_heads per sample (QK^T and PV). Elementwise
+    work (norms, RoPE, softmax, gates) and bias adds are left out, as FlopCounterMode leaves them out."""
+    dim, heads, kv, hd = cfg["dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["dim"] // cfg["n_heads"]
+    hidden = lumina2.ffn_hidden_dim(dim, cfg["multiple_of"], cfg["ffn_dim_multiplier"])
+    patch = cfg["patch_size"] ** 2 * cfg["in_channels"]
+    t_dim = min(dim, 1024)
+
+    def block(tokens, modulated):  # per sample
+        linear = dim * (heads + 2 * kv) * hd + heads * hd * dim + 3 * dim * hidden
+        return 2 * tokens * linear + 4 * tokens**2 * hd * heads + (2 * t_dim * 4 * dim if modulated else 0)
+
+    joint = cap_len + image_tokens
+    per_sample = (2 * 256 * t_dim + 2 * t_dim * t_dim  # t_embedder's MLP
+                  + 2 * cap_len * cfg["cap_feat_dim"] * dim  # cap_embedder
+                  + cfg["n_refiner_layers"] * block(cap_len, False)  # context refiner
+                  + 2 * image_tokens * patch * dim  # x_embedder
+                  + cfg["n_refiner_layers"] * block(image_tokens, True)  # noise refiner
+                  + cfg["n_layers"] * block(joint, True)
+                  + 2 * t_dim * dim + 2 * image_tokens * dim * patch)  # final layer: adaLN and linear
+    return batch * per_sample
 
 
 def rel_err(a, b):
@@ -237,63 +255,139 @@ CASES = {  # name -> (case label, implementation, function, its arguments, model
 
 
 def run_checks(c, cfg, sd):
-    """bf16 vs fp32 forward of the same weights, and ours vs diffusers in bf16, on this device."""
+    """bf16 vs fp32 forward of the same weights, and ours vs diffusers in bf16, on this device. The fp32
+    reference runs attention='sdpa' whatever c.attention is, since flash and sage take no fp32."""
     checks = {}
     x0, noise, cap, mask, sigma = inputs(c, cfg, 1)
     with torch.no_grad():
         v_bf16 = our_model(cfg, sd, c.device)(x0, 1 - sigma, cap, mask)
-        checks["bf16_vs_fp32"] = rel_err(v_bf16, our_model(cfg, sd, c.device, torch.float32)(x0, 1 - sigma, cap.float(), mask))
+        if c.attention != "sdpa":
+            print(f"  fp32 reference: attention 'sdpa' for it ({c.attention!r} takes no fp32), then back to {c.attention!r}")
+        lumina2.set_attention("sdpa", torch.float32, c.device)
+        try:
+            v_fp32 = our_model(cfg, sd, c.device, torch.float32)(x0, 1 - sigma, cap.float(), mask)
+        finally:
+            lumina2.set_attention(c.attention, torch.bfloat16, c.device)
+        checks["bf16_vs_fp32"] = rel_err(v_bf16, v_fp32)
         if c.diffusers:
             ref = diffusers_model(cfg, sd, c.device)
             checks["ours_vs_diffusers_bf16"] = rel_err(v_bf16, ref(x0.bfloat16(), 1 - sigma, cap, mask, return_dict=False)[0])
     return checks
 
 
+def run_cuda_tests(out_dir):
+    """The CUDA test tier (pytest -m cuda) in a child process, its output shown and kept in out_dir. On a CPU
+    its tests skip; none selected (exit 5) counts as a failure, since then the tier itself has gone."""
+    print("[check] pytest -q -m cuda", flush=True)
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"],
+                           cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=240)
+        rc, log = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:  # a hung kernel must not eat the device time the table needs
+        out = e.stdout or ""  # bytes here even with text=True
+        rc, log = "timeout", out.decode(errors="replace") if isinstance(out, bytes) else out
+    with open(os.path.join(out_dir, "pytest_cuda.txt"), "w") as f:
+        f.write(log)
+    summary = log.strip().splitlines()[-1] if log.strip() else ""
+    print(f"[check] pytest -m cuda: rc {rc}, {summary} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return dict(rc=rc, summary=summary)
+
+
+def routes_text(report):
+    return ", ".join(f"{k} x{v}" for k, v in report["routes"].items()) or "-"
+
+
+def markdown(result):
+    """The result as a markdown table, for pasting into an issue."""
+    lines = [f"{result['device']}, torch {result['torch']}, {result['side']}^2, captions {result['cap_len']} padded / "
+             f"{result['cap_valid']} valid, attention {result['attention']}, bf16 matmul ceiling {result['matmul_tflops']:.0f} TFLOP/s", ""]
+    if result.get("tests"):
+        lines += [f"pytest -m cuda: rc {result['tests']['rc']}, {result['tests']['summary']}", ""]
+    if result["checks"]:
+        lines += ["checks: " + ", ".join(f"{k} {v:.2e}" for k, v in result["checks"].items()), ""]
+    lines += ["| impl | case | ms | TFLOP/s | MFU | peak GiB | ours / diffusers | attention routes |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['case']} | error: {r['error']} | | | | | |")
+            continue
+        ratio = f"{r['ratio_to_diffusers']:.2f}" if r["ratio_to_diffusers"] else ""
+        lines.append(f"| {r['impl']} | {r['case']} | {r['ms']:.1f} | {r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_gb']:.2f} | "
+                     f"{ratio} | {routes_text(r['attention']) if r['impl'] == 'ours' else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     c = SimpleNamespace(**configure(dict(globals()), argv))
+    if c.check:  # few steps per case: the whole GPU check, start-up included, fits in 8 minutes on an H200
+        c.iters, c.warmup = 5, 2
+        c.out = os.path.join(os.environ.get("OUT") or "out", "bench.json")
     if c.smoke:
         c.device, c.side, c.cap_len, c.cap_valid, c.iters, c.warmup = "cpu", 64, 16, 8, 1, 1
     unknown = set(c.cases) - set(CASES)
     if unknown:
         raise SystemExit(f"unknown cases {sorted(unknown)}; known: {list(CASES)}")
+    os.makedirs(os.path.dirname(c.out) or ".", exist_ok=True)
+    tests = run_cuda_tests(os.path.dirname(c.out)) if c.check else None
     lumina2.set_attention(c.attention, torch.bfloat16, c.device)
     cfg = dit_config(c)
     sd = random_weights(cfg)
     ceiling = matmul_ceiling(c.device)
-    name = torch.cuda.get_device_name() if c.device.startswith("cuda") else "cpu"
+    name = torch.cuda.get_device_name(c.device) if torch.device(c.device).type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, {c.side}^2, captions {c.cap_len} padded / {c.cap_valid} valid, "
-          f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
+          f"attention {c.attention}, bf16 matmul ceiling {ceiling:.0f} TFLOP/s", flush=True)
     checks = run_checks(c, cfg, sd) if c.checks else {}
     if checks:
-        print("  checks: " + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()))
-    x0, _, cap, mask, sigma = inputs(c, cfg, 1)
-    fwd1 = forward_flops(cfg, c.device, x0, 1 - sigma, cap, mask)
-    x, cap2, mask2 = cfg_inputs(c, cfg)
-    fwd_cfg = forward_flops(cfg, c.device, x.repeat(2, 1, 1, 1), torch.full((2,), 0.5, device=c.device), cap2, mask2)
+        print("  checks: " + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()), flush=True)
+    # the forward trims captions to the batch's longest: cap_valid in every case (CFG's shorter uncond is padded to it)
+    image_tokens = (c.side // 8 // cfg["patch_size"]) ** 2
+    fwd1 = forward_flops(cfg, 1, c.cap_valid, image_tokens)
+    fwd_cfg = forward_flops(cfg, 2, c.cap_valid, image_tokens)
 
     rows = []
     for key, (case, impl, fn, args, forwards) in CASES.items():
         if c.cases and key not in c.cases or impl == "diffusers" and not c.diffusers:
             continue
         reset_peak(c.device)
-        ms, gb = fn(c, cfg, sd, *args)
+        lumina2.ROUTES.clear()  # so each case reports only its own attention calls
+        try:
+            ms, gb = fn(c, cfg, sd, *args)
+        except Exception as e:  # in the GPU check one failing case must not cost the rest of the table
+            if not c.check:
+                raise
+            rows.append(dict(case=case, impl=impl, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            print(f"  {impl:9s} {case:40s} error: {rows[-1]['error']}", flush=True)
+            continue
+        report = lumina2.attention_report(c.device)
         tf = (fwd_cfg if forwards is None else forwards * fwd1) / (ms * 1e-3) / 1e12
-        rows.append(dict(case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb))
-        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GiB", flush=True)
-    theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers"}
+        rows.append(dict(case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb, attention=report))
+        routes = routes_text(report) if impl == "ours" else "-"  # diffusers runs its own attention
+        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GiB  {routes}", flush=True)
+    theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers" and "error" not in r}
     for r in rows:
-        r["ratio_to_diffusers"] = r["ms"] / theirs[r["case"]] if r["impl"] == "ours" and r["case"] in theirs else None
+        if "error" not in r:
+            r["ratio_to_diffusers"] = r["ms"] / theirs[r["case"]] if r["impl"] == "ours" and r["case"] in theirs else None
     if theirs:
-        print("  ours / diffusers: " + ", ".join(f"{r['case']} {r['ratio_to_diffusers']:.2f}" for r in rows if r["ratio_to_diffusers"]))
+        print("  ours / diffusers: " + ", ".join(f"{r['case']} {r['ratio_to_diffusers']:.2f}" for r in rows if r.get("ratio_to_diffusers")))
 
-    result = dict(device=name, torch=torch.__version__, side=c.side, cap_len=c.cap_len, cap_valid=c.cap_valid,
+    result = dict(device=name, torch=torch.__version__, side=c.side, cap_len=c.cap_len, cap_valid=c.cap_valid, attention=c.attention,
                   matmul_tflops=ceiling, forward_flops_bs1=fwd1, checks=checks, rows=rows, date=time.strftime("%Y-%m-%d"))
+    if c.check:
+        result["tests"] = tests
+        result["ok"] = tests["rc"] == 0 and not any("error" in r for r in rows)
     tmp = c.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, c.out)
+    if c.check:
+        md = os.path.join(os.path.dirname(c.out), "bench.md")
+        with open(md, "w") as f:
+            f.write(markdown(result))
+        print(f"[check] {'ok' if result['ok'] else 'FAILED'}: wrote {c.out} and {md}", flush=True)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    r = main()
+    sys.exit(0 if r.get("ok", True) else 1)

@@ -372,6 +372,7 @@ def cuda_or_skip(package=None):
         pytest.skip(f"{package} is not installed")
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ["flash", "sage"])
 def test_real_kernels_match_math(name):
     cuda_or_skip({"flash": "flash_attn", "sage": "sageattention"}[name])
@@ -385,6 +386,7 @@ def test_real_kernels_match_math(name):
         assert rel_err(lumina2.attention(q, k, v, None), lumina2.math_attention(q, k, v, None)) <= tol
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_sdpa_takes_a_fused_kernel(dtype):
     cuda_or_skip()
