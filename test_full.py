@@ -21,15 +21,9 @@ from safetensors.torch import load_file, save_file
 import data
 import lumina2
 import train
-from test_parity import full_width_config
-from test_train import cli_args, killed_then_resumed, memorisation_error, one_image_dataset, run
+from testutil import cli_args, full_width_config, killed_then_resumed, memorisation_error, one_image_dataset, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return data.make_demo_weights(str(tmp_path_factory.mktemp("weights")))
 
 
 def bf16_neighbours(x):

@@ -6,7 +6,6 @@ tiny random models written in the real file layouts.
     python -m pytest -q test_train.py
 """
 import math
-import os
 import statistics
 
 import numpy
@@ -15,9 +14,9 @@ import torch
 from PIL import Image
 
 import data
-import lumina2
 import sample
 import train
+from testutil import flipped_target_loss, killed_then_resumed, memorisation_error, one_image_dataset, run
 
 
 def shift(u, k):  # S_k(u), written again here so the test does not trust train.py's copy
@@ -52,57 +51,6 @@ def test_lr_schedules():
 # end to end on the tiny models
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return data.make_demo_weights(str(tmp_path_factory.mktemp("weights")))
-
-
-def one_image_dataset(folder, caption="a red circle on a white background"):
-    os.makedirs(folder, exist_ok=True)
-    img = Image.new("RGB", (64, 64), "white")
-    for x in range(64):
-        for y in range(64):
-            if (x - 30) ** 2 + (y - 34) ** 2 < 200:
-                img.putpixel((x, y), (220, 30, 30))
-    img.save(os.path.join(folder, "circle.png"))
-    with open(os.path.join(folder, "circle.txt"), "w") as fh:
-        fh.write(caption)
-    return folder
-
-
-def cli_args(weights):
-    """The flags every test run starts from (later flags override them): the tiny weights, CPU, fp32, 64 px,
-    no checkpointing, no end-of-epoch saves, output name t."""
-    return [f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
-            "--device=cpu", "--mixed_precision=no", "--resolution=64", "--gradient_checkpointing=False",
-            "--save_every_n_epochs=0", "--max_train_epochs=0", "--output_name=t"]
-
-
-def run(weights, tmp_path, *args):
-    return train.main(cli_args(weights) + [f"--output_dir={tmp_path / 'out'}", *args])
-
-
-def memorisation_error(weights, tmp_path, model, caption):
-    """Sample the training caption from fixed noise and compare with the training latent."""
-    te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
-    ae = lumina2.load_ae(weights["ae"], dtype=torch.float32)
-    img = data.to_tensor(Image.open(tmp_path / "img" / "circle.png").convert("RGB"))[None]
-    with torch.no_grad():
-        target = ae.encode(img)
-    cond = te([caption], lumina2.SYSTEM_PROMPTS["base"])
-    noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(123))
-    model.eval()
-    got = sample.sample(model, noise, cond, None, steps=20, cfg=1.0, progress=False)
-    return ((got - target).norm() / target.norm()).item()
-
-
-def flipped_target_loss(model, x0, cap_feats, cap_mask, sigma, noise):
-    """A convention bug on purpose: the target is noise - x0 (the sign ComfyUI applies outside the model)."""
-    s = sigma.view(-1, 1, 1, 1)
-    v = model((1 - s) * x0 + s * noise, 1 - sigma, cap_feats, cap_mask)
-    return torch.nn.functional.mse_loss(v.float(), noise - x0)
-
-
 @pytest.mark.parametrize("mode,extra", [("lora", ["--learning_rate=5e-3", "--max_train_steps=1000", "--embedder_dims=[16,16,16]"]),
                                         ("full", ["--learning_rate=3e-3", "--max_train_steps=600"])])
 def test_memorisation(weights, tmp_path, monkeypatch, mode, extra):
@@ -126,21 +74,6 @@ def test_memorisation(weights, tmp_path, monkeypatch, mode, extra):
         broken = memorisation_error(weights, tmp_path, run(weights, tmp_path / "r", *args)["model"], caption)
         print(f"  control with a flipped target: relative error {broken:.3f}")
         assert broken > 3 * after
-
-
-def killed_then_resumed(weights, tmp_path, monkeypatch, args):
-    """Run, killed right after its first state file is written (the step-3 checkpoint), then resume it."""
-    saved = train.save_atomic
-
-    def save_then_die(obj, path):
-        saved(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_atomic", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(weights, tmp_path, *args)
-    monkeypatch.undo()
-    return run(weights, tmp_path, *args, "--resume=True")
 
 
 def test_resume_is_bit_exact(weights, tmp_path, monkeypatch):
