@@ -123,7 +123,7 @@ def test_memorisation_adafactor_bf16_fused(weights, tmp_path):
     trained = run(weights, tmp_path / "t", *args, "--max_train_steps=600")
     after = memorisation_error(weights, tmp_path, trained["model"].float(), caption)
     print(f"memorisation (full, bf16, Adafactor, fused, checkpointing): {before:.3f} -> {after:.3f}")
-    assert after < before / 3
+    assert after < before / 3  # 1.59 -> 0.30 to 0.36 under default, avx2 and avx512 kernels and seeds 3, 7, 42
 
 
 @pytest.mark.parametrize("extra", [["--mixed_precision=no"], ["--mixed_precision=bf16", "--bf16_update=master"],

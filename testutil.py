@@ -94,18 +94,24 @@ def run(weights, tmp_path, *args):
     return train.main(cli_args(weights) + [f"--output_dir={tmp_path / 'out'}", *args])
 
 
-def memorisation_error(weights, tmp_path, model, caption):
-    """Sample the training caption from fixed noise and compare with the training latent."""
+# 8 noise draws: one sample's error varies by about +-0.04 with its noise (measured on the tiny model), the
+# mean of 8 by about a third of that, so the verdict is the model's and not one draw's
+MEMORISATION_SEEDS = (123, 0, 1, 2, 3, 4, 5, 6)
+
+
+def memorisation_error(weights, tmp_path, model, caption, seeds=MEMORISATION_SEEDS):
+    """Sample the training caption from fixed noise draws (one per seed, 20 Euler steps) and compare with the
+    training latent: the mean over the draws of |sample - latent| / |latent|."""
     te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
     ae = lumina2.load_ae(weights["ae"], dtype=torch.float32)
     img = data.to_tensor(Image.open(tmp_path / "img" / "circle.png").convert("RGB"))[None]
     with torch.no_grad():
         target = ae.encode(img)
     cond = te([caption], lumina2.SYSTEM_PROMPTS["base"])
-    noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(123))
+    noise = torch.cat([torch.randn(target.shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     model.eval()
     got = sample.sample(model, noise, cond, None, steps=20, cfg=1.0, progress=False)
-    return ((got - target).norm() / target.norm()).item()
+    return ((got - target).flatten(1).norm(dim=1) / target.norm()).mean().item()
 
 
 def flipped_target_loss(model, x0, cap_feats, cap_mask, sigma, noise):
