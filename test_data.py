@@ -20,11 +20,6 @@ import lumina2
 SYS = lumina2.SYSTEM_PROMPTS["base"]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return data.make_demo_weights(str(tmp_path_factory.mktemp("weights")))
-
-
 @pytest.fixture
 def ae(weights):
     return lumina2.load_ae(weights["ae"], dtype=torch.float32)

@@ -21,15 +21,9 @@ from safetensors.torch import load_file, save_file
 import data
 import lumina2
 import train
-from test_parity import full_width_config
-from test_train import cli_args, killed_then_resumed, memorisation_error, one_image_dataset, run
+from testutil import cli_args, full_width_config, killed_then_resumed, memorisation_error, one_image_dataset, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return data.make_demo_weights(str(tmp_path_factory.mktemp("weights")))
 
 
 def bf16_neighbours(x):
@@ -129,7 +123,7 @@ def test_memorisation_adafactor_bf16_fused(weights, tmp_path):
     trained = run(weights, tmp_path / "t", *args, "--max_train_steps=600")
     after = memorisation_error(weights, tmp_path, trained["model"].float(), caption)
     print(f"memorisation (full, bf16, Adafactor, fused, checkpointing): {before:.3f} -> {after:.3f}")
-    assert after < before / 3
+    assert after < before / 3  # 1.59 -> 0.30 to 0.36 under default, avx2 and avx512 kernels and seeds 3, 7, 42
 
 
 @pytest.mark.parametrize("extra", [["--mixed_precision=no"], ["--mixed_precision=bf16", "--bf16_update=master"],

@@ -16,13 +16,10 @@ from safetensors.torch import save_file
 
 import lora
 import lumina2
+from testutil import rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = lumina2.DIT_PRESETS["tiny"]
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def tiny_model(seed=0):

@@ -19,23 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 import lumina2
+from testutil import diffusers_to_original, full_width_config, perturb_norms, rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.environ.get("LUMINA2_WEIGHTS")  # a folder with the real files, for the full-size tier
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def perturb_norms(model, seed=0):
-    """Norm weights start at ones (or zeros); randomise them so the test sees every weight's role."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight") and p.ndim == 1:  # norm scales only, not Linears named norm_*
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def format_shapes(name):
@@ -60,32 +47,6 @@ TINY_DIFFUSERS = dict(sample_size=16, patch_size=2, in_channels=16, hidden_size=
                       axes_dim_rope=(8, 4, 4), axes_lens=(300, 512, 512), cap_feat_dim=32)
 
 
-def diffusers_to_original(sd):
-    """The inverse of diffusers' convert_lumina2_to_diffusers, written here from the two module trees."""
-    out = {}
-    renames = [("time_caption_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
-               ("time_caption_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
-               ("time_caption_embed.caption_embedder", "cap_embedder"),
-               ("norm_out.linear_1", "final_layer.adaLN_modulation.1"), ("norm_out.linear_2", "final_layer.linear"),
-               (".attn.to_out.0.", ".attention.out."), (".attn.norm_q.", ".attention.q_norm."),
-               (".attn.norm_k.", ".attention.k_norm."), (".feed_forward.linear_1.", ".feed_forward.w1."),
-               (".feed_forward.linear_2.", ".feed_forward.w2."), (".feed_forward.linear_3.", ".feed_forward.w3."),
-               (".norm1.linear.", ".adaLN_modulation.1."), (".norm1.norm.", ".attention_norm1."),
-               (".norm1.weight", ".attention_norm1.weight"), (".norm2.", ".attention_norm2.")]
-    for k, v in sd.items():
-        if ".attn.to_k." in k or ".attn.to_v." in k:
-            continue
-        if ".attn.to_q." in k:
-            kk, vv = k.replace("to_q", "to_k"), k.replace("to_q", "to_v")
-            out[k.replace(".attn.to_q.", ".attention.qkv.")] = torch.cat([v, sd[kk], sd[vv]])
-            continue
-        for a, b in renames:
-            k = k.replace(a, b)
-        out[k] = v
-    out["norm_final.weight"] = torch.ones(sd["x_embedder.weight"].shape[0])
-    return out
-
-
 def test_dit_matches_diffusers_tiny(tmp_path):
     from diffusers import Lumina2Transformer2DModel
     torch.manual_seed(0)
@@ -100,12 +61,6 @@ def test_dit_matches_diffusers_tiny(tmp_path):
     err = rel_err(got, want)
     print(f"tiny DiT vs diffusers, ragged batch of 3, fp32: rel err {err:.2e}")
     assert err <= 1e-5
-
-
-def full_width_config():
-    # 2304 wide with 24/8 heads (the width diffusers' converter hard-codes), one layer each, a 64-wide FFN
-    return dict(lumina2.DIT_PRESETS["2b"], n_layers=1, n_refiner_layers=1, multiple_of=64,
-                ffn_dim_multiplier=64 / (4 * 2304), cap_feat_dim=32)
 
 
 def test_dit_full_width_through_diffusers_converter(tmp_path):

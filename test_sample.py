@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import lumina2
-from test_parity import diffusers_to_original, perturb_norms  # the shared key map and norm randomiser
 import sample
+from testutil import diffusers_to_original, perturb_norms
 
 TINY_DIT = dict(lumina2.DIT_PRESETS["tiny"], cap_feat_dim=32)
 
@@ -30,11 +29,6 @@ def random_captions(B, L, lens, seed, dim=32):
 def dit():
     torch.manual_seed(0)
     return perturb_norms(lumina2.NextDiT(**TINY_DIT), 1).eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return data.make_demo_weights(str(tmp_path_factory.mktemp("weights")))
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""
+Helpers shared by the test files (the fixtures are in conftest.py). A test file imports these from here,
+never from another test file, so that each test file can be run, renamed or removed on its own.
+"""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import lumina2
+import sample
+import train
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|, in fp32: the error of a against the reference b, relative to b's scale."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+# -----------------------------------------------------------------------------
+# models and key maps
+
+
+def perturb_norms(model, seed=0):
+    """Norm weights start at ones (or zeros); randomise them so the test sees every weight's role."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight") and p.ndim == 1:  # norm scales only, not Linears named norm_*
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def diffusers_to_original(sd):
+    """The inverse of diffusers' convert_lumina2_to_diffusers, written here from the two module trees."""
+    out = {}
+    renames = [("time_caption_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+               ("time_caption_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+               ("time_caption_embed.caption_embedder", "cap_embedder"),
+               ("norm_out.linear_1", "final_layer.adaLN_modulation.1"), ("norm_out.linear_2", "final_layer.linear"),
+               (".attn.to_out.0.", ".attention.out."), (".attn.norm_q.", ".attention.q_norm."),
+               (".attn.norm_k.", ".attention.k_norm."), (".feed_forward.linear_1.", ".feed_forward.w1."),
+               (".feed_forward.linear_2.", ".feed_forward.w2."), (".feed_forward.linear_3.", ".feed_forward.w3."),
+               (".norm1.linear.", ".adaLN_modulation.1."), (".norm1.norm.", ".attention_norm1."),
+               (".norm1.weight", ".attention_norm1.weight"), (".norm2.", ".attention_norm2.")]
+    for k, v in sd.items():
+        if ".attn.to_k." in k or ".attn.to_v." in k:
+            continue
+        if ".attn.to_q." in k:
+            kk, vv = k.replace("to_q", "to_k"), k.replace("to_q", "to_v")
+            out[k.replace(".attn.to_q.", ".attention.qkv.")] = torch.cat([v, sd[kk], sd[vv]])
+            continue
+        for a, b in renames:
+            k = k.replace(a, b)
+        out[k] = v
+    out["norm_final.weight"] = torch.ones(sd["x_embedder.weight"].shape[0])
+    return out
+
+
+def full_width_config():
+    """2304 wide with 24/8 heads (the width diffusers' converter hard-codes), one layer each, a 64-wide FFN."""
+    return dict(lumina2.DIT_PRESETS["2b"], n_layers=1, n_refiner_layers=1, multiple_of=64,
+                ffn_dim_multiplier=64 / (4 * 2304), cap_feat_dim=32)
+
+
+# -----------------------------------------------------------------------------
+# train.py end to end on the tiny demo weights
+
+
+def one_image_dataset(folder, caption="a red circle on a white background"):
+    os.makedirs(folder, exist_ok=True)
+    img = Image.new("RGB", (64, 64), "white")
+    for x in range(64):
+        for y in range(64):
+            if (x - 30) ** 2 + (y - 34) ** 2 < 200:
+                img.putpixel((x, y), (220, 30, 30))
+    img.save(os.path.join(folder, "circle.png"))
+    with open(os.path.join(folder, "circle.txt"), "w") as fh:
+        fh.write(caption)
+    return folder
+
+
+def cli_args(weights):
+    """The flags every test run starts from (later flags override them): the tiny weights, CPU, fp32, 64 px,
+    no checkpointing, no end-of-epoch saves, output name t."""
+    return [f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
+            "--device=cpu", "--mixed_precision=no", "--resolution=64", "--gradient_checkpointing=False",
+            "--save_every_n_epochs=0", "--max_train_epochs=0", "--output_name=t"]
+
+
+def run(weights, tmp_path, *args):
+    return train.main(cli_args(weights) + [f"--output_dir={tmp_path / 'out'}", *args])
+
+
+# 8 noise draws: one sample's error varies by about +-0.04 with its noise (measured on the tiny model), the
+# mean of 8 by about a third of that, so the verdict is the model's and not one draw's
+MEMORISATION_SEEDS = (123, 0, 1, 2, 3, 4, 5, 6)
+
+
+def memorisation_error(weights, tmp_path, model, caption, seeds=MEMORISATION_SEEDS):
+    """Sample the training caption from fixed noise draws (one per seed, 20 Euler steps) and compare with the
+    training latent: the mean over the draws of |sample - latent| / |latent|."""
+    te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
+    ae = lumina2.load_ae(weights["ae"], dtype=torch.float32)
+    img = data.to_tensor(Image.open(tmp_path / "img" / "circle.png").convert("RGB"))[None]
+    with torch.no_grad():
+        target = ae.encode(img)
+    cond = te([caption], lumina2.SYSTEM_PROMPTS["base"])
+    noise = torch.cat([torch.randn(target.shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    model.eval()
+    got = sample.sample(model, noise, cond, None, steps=20, cfg=1.0, progress=False)
+    return ((got - target).flatten(1).norm(dim=1) / target.norm()).mean().item()
+
+
+def flipped_target_loss(model, x0, cap_feats, cap_mask, sigma, noise):
+    """A convention bug on purpose: the target is noise - x0 (the sign ComfyUI applies outside the model)."""
+    s = sigma.view(-1, 1, 1, 1)
+    v = model((1 - s) * x0 + s * noise, 1 - sigma, cap_feats, cap_mask)
+    return torch.nn.functional.mse_loss(v.float(), noise - x0)
+
+
+def killed_then_resumed(weights, tmp_path, monkeypatch, args):
+    """Run, killed right after its first state file is written (the step-3 checkpoint), then resume it."""
+    saved = train.save_atomic
+
+    def save_then_die(obj, path):
+        saved(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(weights, tmp_path, *args)
+    monkeypatch.undo()
+    return run(weights, tmp_path, *args, "--resume=True")
