@@ -16,19 +16,12 @@ import torch
 import data
 import sample
 import train
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return data.make_demo_weights(str(tmp_path_factory.mktemp("weights")))
+from testutil import cli_args
 
 
 def run(weights, out, *args):
     folder = data.make_demo_dataset(str(out / "img"), n=4)
-    return train.main([f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
-                       "--device=cpu", "--mixed_precision=no", "--resolution=64", "--gradient_checkpointing=False",
-                       "--save_every_n_epochs=0", "--max_train_epochs=0", "--output_name=t", f"--train_data_dir={folder}",
-                       f"--output_dir={out / 'out'}", "--network_dim=4", *args])
+    return train.main(cli_args(weights) + [f"--train_data_dir={folder}", f"--output_dir={out / 'out'}", "--network_dim=4", *args])
 
 
 BAD = [("--lr_scheduler=cosin", "lr_scheduler='cosin' is not one of"), ("--save_layout=x", "save_layout='x' is not one of"),
