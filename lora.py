@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lumina2
+import memory
 
 # -----------------------------------------------------------------------------
 # the module
@@ -46,13 +47,14 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)  # dW = 0 at step 0: training starts from the base model
         self.merged, self.merged_scale = False, 0.0
+        self.register_buffer("scale_weight", getattr(base, "scale_weight", None))  # set when the base is fp8 (memory.py)
 
     @property
     def scale(self):
         return self.alpha / self.rank * self.multiplier
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = memory.linear(x, self.weight, self.bias, self.scale_weight)  # an fp8 base goes through memory's fp8 matmul
         if self.merged or self.multiplier == 0:
             return y
         if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
@@ -94,7 +96,13 @@ class LoRALinear(nn.Module):
 @torch.no_grad()
 def add_delta(weight, down, up, scale):
     """weight (out, in) += up (out, r) @ down (r, in) * scale, formed in fp32 on the weight's device and
-    rounded once to the weight dtype (as sd-scripts merges)."""
+    rounded once to the weight dtype (as sd-scripts merges). An fp8 weight is refused: a LoRA's delta is mostly
+    below fp8's resolution (a weight moves in steps of 1/16 to 1/8 of itself) and would round away."""
+    if weight.dtype in memory.FP8_DTYPES:
+        raise ValueError("cannot merge a LoRA into an fp8 base weight: most of the LoRA's delta is below fp8's resolution "
+                         "(steps of 1/16 to 1/8 of each weight) and would be lost. Merge into the bf16 weights first, then "
+                         "quantise (memory.prepare(model, device, fp8=True) after lora.apply_lora_files), or keep the "
+                         "LoRA unmerged (merge=False) on the fp8 base.")
     dw = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32) * scale
     weight.copy_((weight.float() + dw).to(weight.dtype))
 

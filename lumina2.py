@@ -695,11 +695,30 @@ def find_prefix(keys, prefixes, marker, path, wanted):
     raise ValueError(f"{path} does not look like {wanted}: it looks like {describe(keys)}.")
 
 
+def fp8_scales(names, expected):
+    """ComfyUI's "scaled fp8" files: a `scaled_fp8` marker tensor (its dtype names the fp8 format), and next
+    to each quantised `<module>.weight` an fp32 `<module>.scale_weight` (W = weight * scale_weight) and
+    sometimes a `<module>.scale_input` (an activation scale for fp8 matmuls, unused once W is upcast).
+    -> {weight name: scale name}, and the names that are not model tensors but belong to that layout."""
+    scales = {n[: -len("scale_weight")] + "weight": n for n in names if n.endswith(".scale_weight")}
+    scales = {w: n for w, n in scales.items() if w in expected and n not in expected}
+    extra = {n for n in names if n == "scaled_fp8" or (n.endswith(".scale_input") and n not in expected)}
+    return scales, set(scales.values()) | extra
+
+
+def descale(t, scale):
+    """A scaled-fp8 weight times its scale (one per tensor, or per output row), in fp32: rounded once, by the cast after."""
+    scale = scale.float()
+    return t.float() * (scale if scale.numel() == 1 else scale.reshape(-1, *[1] * (t.dim() - 1)))
+
+
 def load_weights(model, f, prefix, dtype, device, path, skip=()):
     """Fill a meta-device model strictly from the open file, casting each tensor as it is read so that
-    only one copy of the weights ever exists."""
+    only one copy of the weights ever exists. Files stored in fp8, plain or ComfyUI-scaled, load too."""
     expected = model.state_dict()
     names = {k[len(prefix):] for k in f.keys() if k.startswith(prefix)} - set(skip)
+    scales, fp8_extra = fp8_scales(names, expected)
+    names -= fp8_extra
     missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path} does not match the model ({describe(f.keys())}): missing {len(missing)} "
@@ -709,7 +728,9 @@ def load_weights(model, f, prefix, dtype, device, path, skip=()):
         t = f.get_tensor(prefix + name)
         if t.shape != ref.shape:
             raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
-        sd[name] = t.to(device=device, dtype=dtype)
+        if name in scales:
+            t = descale(t, f.get_tensor(prefix + scales[name]))
+        sd[name] = t.to(device=device, dtype=dtype)  # a plain fp8 (e4m3fn / e5m2) tensor is upcast here, exactly
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -1,25 +1,369 @@
 """
-Memory and speed transforms of the Next-DiT, applied from outside the model (placeholder: checkpointing and
-placement only; block swap, fp8 and compile land here).
+Memory and speed transforms for the Next-DiT, applied from outside the model once it is loaded (and once
+its LoRA is injected, or merged for sampling): fp8 base weights, gradient checkpointing, regional
+torch.compile, and block swap (the frozen weights of the last n layers wait in CPU RAM and are streamed to
+the device just before each of those layers runs, forward and backward). None of them renames a module or
+a state_dict key. `prepare` applies them in the one order in which they compose.
+
+References (read, not copied): kohya-ss/sd-scripts and musubi-tuner (`--blocks_to_swap`, `--fp8_base`, the
+host-to-device-only offloader for LoRA training), torchtitan (checkpointing, then compile, per block),
+torchtune's activation offloading (a copy stream and events against the compute stream), ComfyUI's
+scaled-fp8 files (a `scale_weight` next to each fp8 weight), the torch.utils.checkpoint and torch.compile docs.
+
+    python sample.py config/sample_demo.py --blocks_to_swap=1 --fp8_base=True
+    python -c "import lumina2, lora, memory; m = lumina2.load_dit('lumina_2_model_bf16.safetensors'); lora.inject(m, rank=16); \\
+               memory.prepare(m, 'cuda', fp8=True, checkpointing=True, blocks_to_swap=20)"
 """
 from functools import partial
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# the unit every transform works on
 
 
 def blocks(model):
-    """The transformer blocks, the unit of checkpointing and of FSDP2 sharding."""
+    """The transformer blocks, the unit of checkpointing, compilation and FSDP2 sharding."""
     return [*model.context_refiner, *model.noise_refiner, *model.layers]
 
 
 def enable_checkpointing(model):
-    """Recompute each block's activations in backward (non-reentrant), set from outside the model."""
+    """Recompute each block's activations in backward (non-reentrant), set from outside the model:
+    the block's forward is wrapped in place, so module names and state_dict keys do not change."""
+    from torch.utils.checkpoint import checkpoint
     for block in blocks(model):
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
+# -----------------------------------------------------------------------------
+# fp8 base weights: frozen Linear weights stored as float8_e4m3fn with a scale, upcast at the matmul
+
+FP8 = torch.float8_e4m3fn  # 3 mantissa bits: each weight within 1/16 of itself; range +-448
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_MAX = torch.finfo(FP8).max
+
+
+def fp8_scale(w, granularity="row"):
+    """w (out, in) -> fp32 scale, (out, 1) per output row or () per tensor: the power of two that brings
+    max|w| to at most 448. A power of two makes the dequantisation w8 * scale exact in any float dtype,
+    and costs no precision against max|w| / 448: e4m3's relative step is the same in every binade."""
+    if granularity not in ("row", "tensor"):
+        raise ValueError(f"granularity must be 'row' or 'tensor', got {granularity!r}")
+    amax = w.detach().abs().amax(dim=1, keepdim=True) if granularity == "row" else w.detach().abs().amax()
+    return torch.exp2(torch.ceil(torch.log2(amax.float().clamp(min=1e-30) / FP8_MAX)))
+
+
+def quantize(w, granularity="row"):
+    """w (out, in) -> (float8_e4m3fn (out, in), fp32 scale) with w ~= w8 * scale (round to nearest)."""
+    scale = fp8_scale(w, granularity)
+    return (w.detach().float() / scale).to(FP8), scale
+
+
+def dequantize(w8, scale, dtype):
+    return w8.to(dtype) * scale.to(dtype)  # exact: fp8 -> bf16/fp32 is exact and the scale a power of two
+
+
+class Fp8Matmul(torch.autograd.Function):
+    """x @ (w8 * scale)^T + b for a frozen fp8 weight. The dequantised weight exists only inside forward
+    and inside backward: backward dequantises again from the saved fp8 bytes. Left to autograd, F.linear
+    would save the dequantised copy until backward, and fp8 would save nothing in training."""
+
+    @staticmethod
+    def forward(ctx, x, w8, scale, bias):
+        ctx.save_for_backward(w8, scale)
+        return F.linear(x, dequantize(w8, scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w8, scale = ctx.saved_tensors
+        grad_x = grad @ dequantize(w8, scale, grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None  # the base is frozen: no weight, scale or bias gradient
+
+
+def linear(x, weight, bias=None, scale=None):
+    """F.linear, or the fp8 matmul when `weight` is fp8 (then `scale` is its scale_weight). LoRALinear
+    computes its base output here, so a LoRA trains on an fp8 base unchanged."""
+    if weight.dtype in FP8_DTYPES:
+        return Fp8Matmul.apply(x, weight, scale, bias)
+    return F.linear(x, weight, bias)
+
+
+def set_fp8_weight(module, granularity="row"):
+    """Replace module.weight (frozen, (out, in)) by its fp8 form under the same name, and register the
+    scale as the buffer `scale_weight` (ComfyUI's name for it): W = weight * scale_weight."""
+    if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
+        raise ValueError("fp8 base weights are frozen storage (LoRA training or sampling); this Linear is "
+                         "trainable, as in train_mode='full'. Use fp8=False to train the weights themselves.")
+    w8, scale = quantize(module.weight, granularity)
+    module.weight = nn.Parameter(w8, requires_grad=False)
+    module.register_buffer("scale_weight", scale)  # LoRALinear has the name registered (as None) already
+
+
+class Fp8Linear(nn.Linear):
+    """A frozen nn.Linear with an fp8 weight: `weight` float8_e4m3fn (out, in) under the original key,
+    `scale_weight` fp32 (out, 1) or (). Still an nn.Linear, so lora.inject finds it."""
+
+    def __init__(self, base, granularity="row"):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        set_fp8_weight(self, granularity)
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias, self.scale_weight)
+
+
+def quantize_fp8(model, granularity="row"):
+    """Store every frozen Linear weight inside the transformer blocks (the 30 blocks of the 2B: attention,
+    FFN and adaLN modulation, 99.6% of its weights), a LoRALinear's base weight included, as fp8 with a
+    per-row (default) or per-tensor scale. The embedders and the final layer stay in their dtype: they are
+    0.4% of the weights and sit where nothing averages the error, at the model's input and output, as
+    sd-scripts keeps them. A LoRA's own pair (fp32) is never quantised. Returns the number quantised."""
+    count = 0
+    for block in blocks(model):
+        for path, m in list(block.named_modules()):
+            if path.endswith(("lora_down", "lora_up")) or not isinstance(getattr(m, "weight", None), torch.Tensor) \
+                    or m.weight.dtype in FP8_DTYPES:
+                continue
+            if hasattr(m, "lora_down"):  # lora.LoRALinear: its forward sends an fp8 weight through linear()
+                set_fp8_weight(m, granularity)
+            elif type(m) is nn.Linear:
+                parent, _, child = path.rpartition(".")
+                setattr(block.get_submodule(parent), child, Fp8Linear(m, granularity))
+            else:
+                continue
+            count += 1
+    return count
+
+
+# -----------------------------------------------------------------------------
+# regional compile: one torch.compile per block, shared by every block of the same kind
+
+
+def compile_blocks(model, dynamic=True, backend="inductor"):
+    """torch.compile each block's forward, from outside (module tree and state_dict keys unchanged). The
+    blocks of one kind share their graphs, so the 30 blocks of the 2B compile 3 graphs (context refiner,
+    noise refiner, main layers), times the mask / no-mask variants. dynamic=True compiles the sequence
+    length as a symbol: captions (and aspect buckets) change it every batch, and a graph per length would
+    be a recompile storm that ends in eager fallback at dynamo's cache limit of 8. Apply it after
+    enable_checkpointing (the checkpoint becomes part of the compiled region) and before swap_blocks
+    (the swap's bookkeeping must stay outside it)."""
+    for block in blocks(model):
+        block.forward = torch.compile(block.forward, dynamic=dynamic, backend=backend)
+
+
+# -----------------------------------------------------------------------------
+# block swap: the last n layers' frozen weights live in CPU RAM, a few device slots hold the ones running
+
+SWAP_FULL = ("blocks_to_swap needs a frozen base (LoRA training or sampling), but {} is trainable: with "
+             "train_mode='full' the swapped blocks' gradients and optimizer step would have to live in CPU RAM "
+             "as well, which this block swap does not do. Use blocks_to_swap=0 for full fine-tuning.")
+
+
+class OnBackward(torch.autograd.Function):
+    """Identity in forward; calls fn() when backward reaches this point, before the gradients flow on."""
+
+    @staticmethod
+    def forward(ctx, fn, *xs):
+        ctx.fn = fn
+        out = tuple(x.view_as(x) for x in xs)
+        return out if len(out) > 1 else out[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.fn()
+        return None, *grads
+
+
+def on_backward(fn, args, kwargs):
+    """(args, kwargs) with every tensor that needs a gradient passed through one OnBackward(fn) node, so
+    fn runs once all of them have their gradients: after the whole block's backward."""
+    args, kwargs = list(args), dict(kwargs)
+    where = [(args, i) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    where += [(kwargs, k) for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    if where:
+        out = OnBackward.apply(fn, *(box[key] for box, key in where))
+        for (box, key), t in zip(where, out if len(where) > 1 else (out,)):
+            box[key] = t
+    return args, kwargs
+
+
+def swapped_tensors(block, prefix=""):
+    """[(name, tensor)]: the frozen parameters and buffers of a block, all but a LoRA's own pair. `prefix`
+    (the block's own path) only names a trainable tensor in the error."""
+    out = []
+    for name, p in block.named_parameters():
+        if name.endswith(("lora_down.weight", "lora_up.weight")):
+            continue  # a LoRA's pair is small (and usually trained): it stays resident on the device
+        if p.requires_grad:
+            raise ValueError(SWAP_FULL.format(prefix + name))
+        out.append((name, p))
+    return out + list(block.named_buffers())
+
+
+class BlockSwap:
+    """n blocks whose frozen tensors live in CPU RAM (pinned for CUDA) and rotate through a fixed set of
+    device slots: block j always runs in slot j % n_slots. At setup every swapped tensor's .data is pointed
+    at its slot's tensor for good; making block j resident is then one copy of its CPU tensors into the
+    slot. Autograd saves a weight (a leaf) by reference and reads it when backward runs, so re-making a
+    block resident before its backward (and before its checkpoint recompute, which calls the block's
+    function again without any module hook) gives exact gradients. Two autograd nodes do that: one on the
+    block's output (backward enters the block: make it resident, prefetch the block before it) and one on
+    its inputs (backward leaves the block: check, and release the slot).
+
+    On CUDA the copies run on a side stream: the compute stream waits for a slot's copy before using it,
+    and a copy into a slot waits until the kernels that last read the slot are done. On the CPU the same
+    calls run synchronously, which is what the tests exercise.
+
+    Instrumentation: `log` holds (event, layer, slot) for every copy, forward and backward; `ran_with` holds
+    (phase, layer, layer whose weights its slot held); a block that would run with another block's weights
+    raises a RuntimeError. Device memory: the unswapped layers plus n_slots blocks, whatever n."""
+
+    def __init__(self, blocks, first_layer, device, n_slots=2):
+        self.blocks, self.first, self.device = list(blocks), first_layer, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        tensors = [swapped_tensors(b, f"layers.{first_layer + j}.") for j, b in enumerate(self.blocks)]
+        self.names = [name for name, _ in tensors[0]]
+        layout = lambda ts: [(n, tuple(t.shape), t.dtype) for n, t in ts]
+        for j, ts in enumerate(tensors):
+            if layout(ts) != layout(tensors[0]):
+                raise ValueError(f"block swap needs identical layers, but layer {first_layer + j}'s frozen tensors differ "
+                                 f"from layer {first_layer}'s: {sorted(set(layout(ts)) ^ set(layout(tensors[0])))[:4]}")
+        host = lambda t: t.detach().cpu().pin_memory() if self.cuda else t.detach().cpu()
+        self.host = [[host(t) for _, t in ts] for ts in tensors]
+        self.n_slots = min(n_slots, len(self.blocks))
+        self.slots = [[torch.empty_like(h, device=self.device) for h in self.host[0]] for _ in range(self.n_slots)]
+        self.resident = [None] * self.n_slots  # the block whose weights each slot holds
+        self.block_bytes = sum(h.nbytes for h in self.host[0])
+        for j, ts in enumerate(tensors):
+            for (_, t), slot in zip(ts, self.slots[self.slot_of(j)]):
+                t.data = slot  # once: the block's tensors now live in its slot; residency = the slot's content
+            self.blocks[j].register_state_dict_post_hook(partial(self.state_dict_hook, j))
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.copied = [torch.cuda.Event() for _ in range(self.n_slots)]  # the slot's last copy is done
+            self.used = [torch.cuda.Event() for _ in range(self.n_slots)]  # the kernels reading it are queued before
+        self.log, self.ran_with = [], []
+
+    def slot_of(self, j):
+        return j % self.n_slots
+
+    def load(self, j):
+        """Start copying block j's weights into its slot (a no-op when they are there)."""
+        s = self.slot_of(j)
+        if self.resident[s] == j:
+            return
+        if self.cuda:
+            self.copy_stream.wait_event(self.used[s])  # never overwrite a slot a queued kernel still reads
+            with torch.cuda.stream(self.copy_stream):
+                for dst, src in zip(self.slots[s], self.host[j]):
+                    dst.copy_(src, non_blocking=True)
+            self.copied[s].record(self.copy_stream)
+        else:
+            for dst, src in zip(self.slots[s], self.host[j]):
+                dst.copy_(src)
+        self.resident[s] = j
+        self.log.append(("copy", self.first + j, s))
+
+    def ensure(self, j):
+        """Block j's weights are in its slot before the compute stream goes on."""
+        self.load(j)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.copied[self.slot_of(j)])
+
+    def prefetch(self, j):
+        if 0 <= j < len(self.blocks) and self.n_slots > 1:
+            self.load(j)
+
+    def ran(self, j, phase):
+        """Block j's `phase` kernels are queued: record with whose weights, and release the slot to the copies."""
+        s = self.slot_of(j)
+        self.ran_with.append((phase, self.first + j, None if self.resident[s] is None else self.first + self.resident[s]))
+        self.log.append((phase, self.first + j, s))
+        if self.resident[s] != j:
+            raise RuntimeError(f"block swap: layer {self.first + j} ran its {phase} with the weights of layer "
+                               f"{self.ran_with[-1][2]} in slot {s}")
+        if self.cuda:
+            self.used[s].record(torch.cuda.current_stream(self.device))
+
+    def backward_enters(self, j):
+        self.ensure(j)
+        self.prefetch(j - 1)  # backward runs the layers in reverse
+
+    def forward(self, j, inner, *args, **kwargs):
+        """The swapped block j's forward: residency around `inner` (its original, checkpointed or compiled
+        forward), and the two backward nodes when a backward will follow."""
+        grad = torch.is_grad_enabled()
+        if grad:
+            args, kwargs = on_backward(partial(self.ran, j, "backward"), args, kwargs)
+        self.ensure(j)
+        self.prefetch(j + 1)  # copied while this block computes
+        out = inner(*args, **kwargs)
+        self.ran(j, "forward")
+        if grad and out.requires_grad:
+            return OnBackward.apply(partial(self.backward_enters, j), out)
+        if not grad and j == len(self.blocks) - 1 and self.slot_of(0) != self.slot_of(j):
+            self.prefetch(0)  # sampling: the next forward starts there, during the unswapped layers
+        return out
+
+    def state_dict_hook(self, j, module, state_dict, prefix, local_metadata):
+        """state_dict() of a swapped block returns its own weights (the CPU copies), not its slot's content."""
+        for name, h in zip(self.names, self.host[j]):
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = h
+
+
+def swap_blocks(model, n, device, n_slots=2):
+    """Keep the frozen weights of the last n of model.layers in CPU RAM and stream them to the device just
+    before they run (sd-scripts' blocks_to_swap), then place everything else on the device. Call it last:
+    after LoRA injection, quantize_fp8 (the slots then hold fp8 bytes, half the transfer), checkpointing and
+    compile_blocks. Do not move the model afterwards. Returns the BlockSwap (also at model.block_swap)."""
+    layers = list(model.layers)
+    if not 0 < n <= len(layers):
+        raise ValueError(f"blocks_to_swap must be between 1 and the model's {len(layers)} layers, got {n}")
+    swap = BlockSwap(layers[-n:], len(layers) - n, device, n_slots)
+    for j, block in enumerate(swap.blocks):
+        block.forward = partial(swap.forward, j, block.forward)
+    model.to(device)  # the swapped tensors already point at device slots: this moves the rest
+    model.block_swap = swap
+    return swap
+
+
+# -----------------------------------------------------------------------------
+# one ordered setup
+
+
+def check_combination(train_mode="lora", fp8=False, blocks_to_swap=0, fsdp=False, n_layers=None):
+    """What cannot work together, refused at start-up before anything loads (ValueError)."""
+    if blocks_to_swap < 0 or (n_layers is not None and blocks_to_swap > n_layers):
+        raise ValueError(f"blocks_to_swap must be between 0 and the model's {n_layers} layers, got {blocks_to_swap}")
+    if blocks_to_swap and train_mode == "full":
+        raise ValueError(SWAP_FULL.format("every weight"))
+    if fp8 and train_mode == "full":
+        raise ValueError("fp8_base stores the frozen base in fp8 for LoRA training and sampling; train_mode='full' "
+                         "trains those weights, which needs them (and their optimizer state) in bf16 or fp32")
+    if blocks_to_swap and fsdp:
+        raise ValueError("blocks_to_swap with FSDP2: FSDP shards the parameters and owns where they live, the block "
+                         "swap moves whole frozen blocks itself. Use DDP (LoRA) or blocks_to_swap=0.")
+
+
 def prepare(model, device, *, fp8=False, checkpointing=False, compile=False, blocks_to_swap=0):
+    """The model as loaded on the CPU, its LoRA injected (training) or merged (sampling) by the caller ->
+    the model on `device`, transformed in the one order that composes:
+      1. fp8 first: the LoRA merge needed the bf16 weights, and the swap must size its slots and copies in fp8;
+      2. checkpointing, then compile: the checkpoint is inside the compiled region, which is the block body;
+      3. block swap last: it owns placement, and its residency bookkeeping must wrap the compiled region,
+         not be traced into it.
+    DDP and the optimizer come after, in train.py. Returns the model."""
+    check_combination(fp8=fp8, blocks_to_swap=blocks_to_swap, n_layers=len(model.layers))
+    if fp8:
+        quantize_fp8(model)
     if checkpointing:
         enable_checkpointing(model)
+    if compile:
+        compile_blocks(model)
+    if blocks_to_swap:
+        swap_blocks(model, blocks_to_swap, device)
+        return model
     return model.to(device)

@@ -29,6 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 import lumina2
+import memory
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -51,6 +52,9 @@ dtype = "bfloat16"  # weights: "bfloat16" | "float16" | "float32"; x, sigma and 
 attention = "sdpa"  # "sdpa" | "flash" | "sage" | "math" (lumina2.set_attention; sd-scripts --use_flash_attn / --use_sage_attn)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 offload = "none"  # "none": all on device; "model": models wait in CPU RAM, each on the device only while used
+blocks_to_swap = 0  # --blocks_to_swap (sd-scripts): the last n DiT layers wait in CPU RAM, streamed in per step
+fp8_base = False  # --fp8_base (sd-scripts): the DiT blocks' Linear weights in fp8 (per-row scale), half the bytes
+compile = False  # torch.compile per DiT block (musubi-tuner's --compile); the first steps pay the compile
 dit_path = "models/lumina_2_model_bf16.safetensors"
 gemma_path = "models/gemma_2_2b_fp16.safetensors"
 ae_path = "models/ae.safetensors"
@@ -160,10 +164,10 @@ def save_grid(images, path, info=None):
     save_png(sheet, path, info or {})
 
 
-def place_dit(model, device):
-    """Put the DiT where denoising runs. This is the one seam for block swap: a swap scheme replaces this
-    function with one that keeps most layers in CPU RAM and streams them to the device per forward."""
-    return model.to(device)
+def place_dit(model, device, blocks_to_swap=0, fp8=False, compile=False):
+    """Put the DiT where denoising runs, through memory.prepare (LoRAs are merged by then): fp8 weights,
+    per-block compile, and block swap, which keeps the last layers in CPU RAM and streams them in per forward."""
+    return memory.prepare(model, device, fp8=fp8, compile=compile, blocks_to_swap=blocks_to_swap)
 
 
 def peak_memory_gb(device):
@@ -278,7 +282,7 @@ def main(argv=None):
     del te
 
     # 2. denoise: each batch is a slice of one job's seeds; latents wait on the CPU
-    dit = place_dit(dit, c.device)
+    dit = place_dit(dit, c.device, c.blocks_to_swap, c.fp8_base, c.compile)
     batches = []
     for job in jobs:
         uncond = captions[(job["negative_prompt"], c.negative_system_prompt)] if job["cfg"] != 1.0 else None
