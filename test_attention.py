@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import lumina2
-from test_parity import perturb_norms, ragged_batch, rel_err
+from testutil import perturb_norms, ragged_batch, rel_err
 
 FP32_TOL = 1e-6
 GLUE_TOL = 2 ** -7  # one bf16 ulp

@@ -22,8 +22,7 @@ import data
 import lora
 import lumina2
 import memory
-from test_parity import full_width_config, perturb_norms, ragged_batch
-from test_sample import run as run_sample
+from testutil import full_width_config, perturb_norms, ragged_batch, run_sample
 
 TINY = dict(lumina2.DIT_PRESETS["tiny"], n_layers=5)  # 5 main layers: 3 swapped through 2 slots rotate
 
@@ -429,11 +428,20 @@ def test_compile_checkpointing_lora_and_swap_compose():
     assert all(own == layer for _, layer, own in swap.ran_with) and len(swap.ran_with) == 2 * 2 * 2
 
 
+# Inductor's CPU backend writes C++ for the host's vector ISA, and that part is the machine's, not ours: with
+# torch 2.13 the same graph gave NaN under ATEN_CPU_CAPABILITY=avx2, failed to build under =default, and once
+# aborted the whole suite on an AVX-512 Xeon. Scalar C++ (simdlen=1) builds and runs alike on every x86 and
+# ARM CPU and keeps everything this test is about: the decompositions, the fusions, the symbolic sequence
+# length and AOTAutograd's backward. The GPU check compiles with Triton and checks it there.
+SCALAR_CPP = {"cpp.simdlen": 1}
+
+
 @pytest.fixture(scope="module")
 def inductor():
     try:
-        torch.compile(lambda x: x.sin() + 1)(torch.randn(8))
-    except Exception as e:  # no compiler, or a broken toolchain: the C++ codegen cannot run here
+        with torch._inductor.config.patch(SCALAR_CPP):
+            torch.compile(lambda x: x.sin() + 1)(torch.randn(8))
+    except Exception as e:  # no C++ compiler: inductor cannot build a CPU kernel here
         pytest.skip(f"torch.compile (inductor) cannot build a kernel here: {type(e).__name__}: {str(e)[:200]}")
 
 
@@ -444,17 +452,19 @@ def test_compiled_blocks_match_eager(inductor):
     torch._dynamo.utils.counters.clear()
     memory.compile_blocks(model)  # with checkpointing: test_compile_checkpointing_lora_and_swap_compose
     graphs = []
-    for L in (7, 11):
-        b = batch(L, L=L, lens=(L, L - 3))
-        loss, loss_ref = loss_of(model, b), loss_of(ref, b)
-        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        loss.backward()
-        loss_ref.backward()
-        # inductor fuses and reorders fp32 reductions: a few ulps apart (measured ~2e-6 on the gradients)
-        assert rel(loss, loss_ref) < 1e-5
-        for p, q in zip(lora.lora_parameters(model), lora.lora_parameters(ref)):
-            assert rel(p.grad, q.grad) < 1e-4
-            p.grad, q.grad = None, None
+    with torch._inductor.config.patch(SCALAR_CPP):
+        for L in (7, 11):
+            b = batch(L, L=L, lens=(L, L - 3))
+            loss, loss_ref = loss_of(model, b), loss_of(ref, b)
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+            loss.backward()
+            loss_ref.backward()
+            # inductor fuses and reorders fp32 reductions: a few ulps apart (measured <= 2e-7 on the loss and
+            # <= 2e-6 on the gradients); the bounds leave 50x of room and still catch any wrong op (>= 1e-3)
+            assert rel(loss, loss_ref) < 1e-5
+            for p, q in zip(lora.lora_parameters(model), lora.lora_parameters(ref)):
+                assert rel(p.grad, q.grad) < 1e-4
+                p.grad, q.grad = None, None
     assert graphs == [1, 1]  # the second caption length reused the graph
 
 

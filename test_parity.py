@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import lumina2
-from testutil import diffusers_to_original, full_width_config, perturb_norms, rel_err
+from testutil import diffusers_to_original, full_width_config, perturb_norms, ragged_batch, rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.environ.get("LUMINA2_WEIGHTS")  # a folder with the real files, for the full-size tier
@@ -28,15 +28,6 @@ WEIGHTS = os.environ.get("LUMINA2_WEIGHTS")  # a folder with the real files, for
 def format_shapes(name):
     with open(os.path.join(HERE, "testdata", name)) as fh:
         return {k: tuple(v) for k, v in json.load(fh)["shapes"].items()}
-
-
-def ragged_batch(B=3, cap_dim=32, L=12, lens=(12, 5, 9), hw=(8, 12), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, 16, *hw, generator=g)
-    t = torch.rand(B, generator=g)
-    cap = torch.randn(B, L, cap_dim, generator=g)
-    mask = torch.arange(L)[None] < torch.tensor(lens)[:, None]
-    return x, t, cap, mask
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 
 import lumina2
 import sample
-from testutil import diffusers_to_original, perturb_norms
+from testutil import diffusers_to_original, perturb_norms, run_sample
 
 TINY_DIT = dict(lumina2.DIT_PRESETS["tiny"], cap_feat_dim=32)
 
@@ -177,16 +177,10 @@ def test_renorm_caps_whole_sample_norm_and_only_scales_down(dit):
 # the script on tiny demo weights
 
 
-def run(weights, out_dir, *flags):
-    return sample.main([f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
-                        f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32", "--width=32", "--height=32",
-                        "--steps=2", "--prompt=a red circle on a white background", *flags])
-
-
 def test_script_is_deterministic_per_seed_and_records_settings(weights, tmp_path):
-    a = run(weights, tmp_path / "a", "--seeds=[7]")
-    b = run(weights, tmp_path / "b", "--seeds=[7]")
-    c = run(weights, tmp_path / "a", "--seeds=[8]")
+    a = run_sample(weights, tmp_path / "a", "--seeds=[7]")
+    b = run_sample(weights, tmp_path / "b", "--seeds=[7]")
+    c = run_sample(weights, tmp_path / "a", "--seeds=[8]")
     assert [p.rsplit("/", 1)[1] for p in a + c] == ["00000-7.png", "00001-8.png"]  # a rerun never overwrites
     assert open(a[0], "rb").read() == open(b[0], "rb").read()
     assert not np.array_equal(np.asarray(Image.open(a[0])), np.asarray(Image.open(c[0])))
@@ -198,42 +192,42 @@ def test_script_is_deterministic_per_seed_and_records_settings(weights, tmp_path
 def test_prompt_file_options_batches_and_grid(weights, tmp_path):
     pf = tmp_path / "prompts.txt"
     pf.write_text("# comment\n\na red circle --d 3,4\na blue square --w 48 --h 16 --d 5 --s 1 --l 1.0 --n ugly\n")
-    paths = run(weights, tmp_path / "out", f"--prompt_file={pf}", "--batch_size=2", "--grid=True")
+    paths = run_sample(weights, tmp_path / "out", f"--prompt_file={pf}", "--batch_size=2", "--grid=True")
     assert [p.rsplit("/", 1)[1] for p in paths] == ["00000-3.png", "00001-4.png", "00002-5.png", "00003-grid.png"]
     info = json.loads(Image.open(paths[2]).text["parameters"])
     assert (info["prompt"], info["negative_prompt"], info["steps"], info["cfg"]) == ("a blue square", "ugly", 1, 1.0)
     assert Image.open(paths[2]).size == (48, 16) and Image.open(paths[3]).size == (96, 64)
-    single = run(weights, tmp_path / "single", "--prompt=a red circle", "--seeds=[4]", "--batch_size=1")
+    single = run_sample(weights, tmp_path / "single", "--prompt=a red circle", "--seeds=[4]", "--batch_size=1")
     diff = np.abs(np.asarray(Image.open(single[0]), dtype=int) - np.asarray(Image.open(paths[1]), dtype=int)).max()
     assert diff <= 1  # a seed's image does not depend on the batch it was drawn in
 
 
 def test_bad_size(weights, tmp_path):
     with pytest.raises(SystemExit, match="multiples of 16, got 40x32"):
-        run(weights, tmp_path, "--width=40")
+        run_sample(weights, tmp_path, "--width=40")
     pf = tmp_path / "p.txt"
     pf.write_text("a cat --h 50\n")
     with pytest.raises(SystemExit, match="multiples of 16, got 32x50"):
-        run(weights, tmp_path, f"--prompt_file={pf}")
+        run_sample(weights, tmp_path, f"--prompt_file={pf}")
 
 
 def test_empty_prompt_file(weights, tmp_path):
     pf = tmp_path / "p.txt"
     pf.write_text("\n# only a comment\n   \n")
     with pytest.raises(SystemExit, match="holds no prompts"):
-        run(weights, tmp_path, f"--prompt_file={pf}")
+        run_sample(weights, tmp_path, f"--prompt_file={pf}")
 
 
 def test_missing_or_wrong_weight_file(weights, tmp_path):
     missing = str(tmp_path / "nope" / "lumina.safetensors")
     with pytest.raises(SystemExit, match=f"weight file not found: {missing}"):
-        run(weights, tmp_path, f"--dit_path={missing}")
+        run_sample(weights, tmp_path, f"--dit_path={missing}")
     with pytest.raises(SystemExit, match="does not look like a Lumina 2 Next-DiT.*FLUX autoencoder"):
-        run(weights, tmp_path, f"--dit_path={weights['ae']}")
+        run_sample(weights, tmp_path, f"--dit_path={weights['ae']}")
 
 
 def test_long_caption_is_truncated_with_a_warning(weights, tmp_path):
     caption = "a yellow star next to a purple heart " * 4
     with pytest.warns(UserWarning, match=r"truncated to 12.*caption 'a yellow star.*max_length=12"):
-        paths = run(weights, tmp_path, f"--prompt={caption}", "--max_length=12", "--system_prompt=")
+        paths = run_sample(weights, tmp_path, f"--prompt={caption}", "--max_length=12", "--system_prompt=")
     assert len(paths) == 1

@@ -59,6 +59,16 @@ def diffusers_to_original(sd):
     return out
 
 
+def ragged_batch(B=3, cap_dim=32, L=12, lens=(12, 5, 9), hw=(8, 12), seed=0):
+    """(x, t, cap_feats, cap_mask) with captions of different valid lengths: the padded case every path must get right."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 16, *hw, generator=g)
+    t = torch.rand(B, generator=g)
+    cap = torch.randn(B, L, cap_dim, generator=g)
+    mask = torch.arange(L)[None] < torch.tensor(lens)[:, None]
+    return x, t, cap, mask
+
+
 def full_width_config():
     """2304 wide with 24/8 heads (the width diffusers' converter hard-codes), one layer each, a 64-wide FFN."""
     return dict(lumina2.DIT_PRESETS["2b"], n_layers=1, n_refiner_layers=1, multiple_of=64,
@@ -134,3 +144,10 @@ def killed_then_resumed(weights, tmp_path, monkeypatch, args):
         run(weights, tmp_path, *args)
     monkeypatch.undo()
     return run(weights, tmp_path, *args, "--resume=True")
+
+
+def run_sample(weights, out_dir, *flags):
+    """sample.py on the tiny demo weights: CPU, fp32, 32 px, 2 steps, one fixed prompt (later flags override)."""
+    return sample.main([f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
+                        f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32", "--width=32", "--height=32",
+                        "--steps=2", "--prompt=a red circle on a white background", *flags])
