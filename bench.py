@@ -4,10 +4,15 @@ on the same random 2B weights and the same inputs, in the same run. Prints one t
 against a bf16 matmul ceiling measured here, peak GB, ratio to diffusers) and the GPU correctness checks
 (bf16 vs fp32, ours vs diffusers), the attention routes each case took, and writes it all to bench.json.
 
-Cases: LoRA rank 16 at bs 1 without and with checkpointing and at bs 4 with it; full fine-tuning at bs 1
-(Adafactor + bf16 stochastic rounding + step fused into backward + checkpointing: the 16 GB recipe; and
-AdamW with the step after backward); the CFG sampling step (cond + uncond as one batch of 2). Diffusers
-runs LoRA-like (base frozen, x_embedder trainable, so backward reaches the input) and its CFG step.
+Cases: LoRA rank 16 at bs 1 without and with checkpointing and at bs 4 with it; the memory and speed
+options of memory.py on the bs-1 LoRA step (24 of the 26 main layers swapped; fp8 base; compiled blocks);
+full fine-tuning at bs 1 (Adafactor + bf16 stochastic rounding + step fused into backward + checkpointing:
+the 16 GB recipe, alone and with train.py's CPU EMA; and AdamW with the step after backward); the CFG
+sampling step (cond + uncond as one batch of 2) plain, with swap, with an fp8 base and on sage attention.
+Every one of our cases is set up by memory.prepare, as train.py and sample.py set up theirs. Diffusers
+runs LoRA-like (base frozen, x_embedder trainable, so backward reaches the input) and its CFG step; each of
+our rows is divided by the diffusers row doing the same work. A case this machine cannot run (sage
+without CUDA or its package) is a skipped row.
 Model FLOPs are counted analytically (forward_flops: every matmul, attention over the padded caption);
 training counts 2x forward (frozen base: no weight gradients) or 3x (full), never the recomputation of
 checkpointing. Peak memory is the CUDA allocator's peak per case; on a CPU it
@@ -20,6 +25,7 @@ is the process's peak RSS since start, so run one case at a time there.
     python bench.py --check=True --smoke=True          # the same check on a CPU in seconds (test_bench.py runs it)
     python bench.py --device=cpu --side=1024 --cases='["full_adafactor_fused"]' --checks=False --diffusers=False --iters=1 --warmup=0
 """
+import contextlib
 import gc
 import json
 import os
@@ -167,11 +173,27 @@ def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def lora_step(c, cfg, sd, bs, ckpt):
-    model = our_model(cfg, sd, c.device)
-    lora.inject(model, rank=16, alpha=16)
-    if ckpt:
-        memory.enable_checkpointing(model)
+class Unavailable(Exception):
+    """A case this machine cannot run (no CUDA, a package not installed): its row says so, and it is no failure."""
+
+
+def placed_model(c, cfg, sd, rank=0, **memory_flags):
+    """Our model as train.py and sample.py set it up: built on the CPU, LoRA (rank > 0) injected, then
+    memory.prepare (fp8 -> checkpointing -> compile -> block swap + placement on the device)."""
+    model = our_model(cfg, sd, "cpu")
+    if rank:
+        lora.inject(model, rank=rank, alpha=rank)
+    return memory.prepare(model, c.device, **memory_flags)
+
+
+def swapped(c, cfg, n):
+    """n of the 2B's 26 main layers swapped (24 -> all but 2 resident); in smoke mode its one layer."""
+    return min(n, cfg["n_layers"])
+
+
+def lora_step(c, cfg, sd, bs, ckpt, swap=0, fp8=False, compile=False):
+    model = placed_model(c, cfg, sd, rank=16, fp8=fp8, checkpointing=ckpt, compile=compile,
+                         blocks_to_swap=swapped(c, cfg, swap))
     params = lora.lora_parameters(model)
     opt = train.Optimizer([params], "AdamW", 1e-4, 0.01, "stochastic", 0)
     x0, noise, cap, mask, sigma = inputs(c, cfg, bs)
@@ -182,21 +204,28 @@ def lora_step(c, cfg, sd, bs, ckpt):
     return timed(step, c.iters, c.warmup, c.device)
 
 
-def full_step(c, cfg, sd, kind, fused):
-    """Full fine-tuning at bs 1 with checkpointing, bf16 weights + stochastic rounding, as train.py runs it."""
-    model = our_model(cfg, sd, c.device)
+def full_step(c, cfg, sd, kind, fused, ema=False):
+    """Full fine-tuning at bs 1 with checkpointing, bf16 weights + stochastic rounding, as train.py runs it.
+    ema=True adds train.py's default EMA (fp32 on the CPU) updated every `iters` steps: the timed window then
+    holds exactly one update, so the row's ms is a step with the update's cost spread over `iters` steps."""
+    model = our_model(cfg, sd, "cpu")
     model.requires_grad_(True).norm_final.requires_grad_(False)
-    memory.enable_checkpointing(model)
+    model = memory.prepare(model, c.device, checkpointing=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.Optimizer([[p] for p in params], kind, 1e-5 if kind == "AdamW" else 5e-4, 0.0, "stochastic", 0)
+    average = train.EMA(params, 0.999, "cpu", every=c.iters) if ema else None
     if fused:
-        train.fuse_steps_into_backward(params, opt, max_grad_norm=1.0)
+        train.fuse_steps_into_backward(params, opt, max_grad_norm=1.0, ema=average)
     x0, noise, cap, mask, sigma = inputs(c, cfg, 1)
+    steps = [0]
 
     def step():
+        if average:
+            average.set_step(steps[0])
         train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
         if not fused:
-            train.step_after_backward(params, opt, max_grad_norm=1.0)
+            train.step_after_backward(params, opt, max_grad_norm=1.0, ema=average)
+        steps[0] += 1
     return timed(step, c.iters, c.warmup, c.device)
 
 
@@ -208,10 +237,22 @@ def cfg_inputs(c, cfg):
 
 
 @torch.no_grad()
-def cfg_step(c, cfg, sd):
-    model = our_model(cfg, sd, c.device)
+def cfg_step(c, cfg, sd, swap=0, fp8=False, compile=False, attention=None):
+    """One CFG sampling step, placed as sample.place_dit places it; attention= runs it on another backend
+    (sage: sampling only), then the run's backend is restored."""
+    model = sample.place_dit(our_model(cfg, sd, "cpu"), c.device, blocks_to_swap=swapped(c, cfg, swap), fp8=fp8, compile=compile)
     x, cap, mask = cfg_inputs(c, cfg)
-    return timed(lambda: sample.cfg_velocity(model, x, 0.5, (cap[:1], mask[:1]), (cap[1:], mask[1:]), 4.0), c.iters, c.warmup, c.device)
+    try:
+        lumina2.set_attention(attention or c.attention, torch.bfloat16, c.device)
+    except (ImportError, ValueError) as e:  # sage needs CUDA and its package
+        raise Unavailable(str(e).split(":")[0]) from e
+    try:
+        return timed(lambda: sample.cfg_velocity(model, x, 0.5, (cap[:1], mask[:1]), (cap[1:], mask[1:]), 4.0),
+                     c.iters, c.warmup, c.device)
+    finally:
+        routes = dict(lumina2.ROUTES)  # set_attention clears them: this case's routes go into its row
+        lumina2.set_attention(c.attention, torch.bfloat16, c.device)
+        lumina2.ROUTES.update(routes)
 
 
 def diffusers_lora_step(c, cfg, sd, bs, ckpt):
@@ -240,18 +281,41 @@ def diffusers_cfg_step(c, cfg, sd):
     return timed(lambda: ref(x.repeat(2, 1, 1, 1).bfloat16(), t, cap, mask, return_dict=False)[0], c.iters, c.warmup, c.device)
 
 
-CASES = {  # name -> (case label, implementation, function, its arguments, model FLOPs in forwards at bs 1)
-    "lora_bs1": ("LoRA r16 bs1", "ours", lora_step, (1, False), 2),
-    "lora_bs1_ckpt": ("LoRA r16 bs1 ckpt", "ours", lora_step, (1, True), 2),
-    "lora_bs4_ckpt": ("LoRA r16 bs4 ckpt", "ours", lora_step, (4, True), 8),
-    "full_adafactor_fused": ("full bs1 ckpt Adafactor SR fused", "ours", full_step, ("Adafactor", True), 3),
-    "full_adamw": ("full bs1 ckpt AdamW SR", "ours", full_step, ("AdamW", False), 3),
-    "cfg": ("CFG step (batch 2)", "ours", cfg_step, (), None),
-    "diffusers_lora_bs1": ("LoRA r16 bs1", "diffusers", diffusers_lora_step, (1, False), 2),
-    "diffusers_lora_bs1_ckpt": ("LoRA r16 bs1 ckpt", "diffusers", diffusers_lora_step, (1, True), 2),
-    "diffusers_lora_bs4_ckpt": ("LoRA r16 bs4 ckpt", "diffusers", diffusers_lora_step, (4, True), 8),
-    "diffusers_cfg": ("CFG step (batch 2)", "diffusers", diffusers_cfg_step, (), None),
+CASES = {  # name -> (case label, implementation, function, its keyword arguments, model FLOPs in forwards at bs 1)
+    "lora_bs1": ("LoRA r16 bs1", "ours", lora_step, dict(bs=1, ckpt=False), 2),
+    "lora_bs1_ckpt": ("LoRA r16 bs1 ckpt", "ours", lora_step, dict(bs=1, ckpt=True), 2),
+    "lora_bs4_ckpt": ("LoRA r16 bs4 ckpt", "ours", lora_step, dict(bs=4, ckpt=True), 8),
+    "lora_bs1_ckpt_swap24": ("LoRA r16 bs1 ckpt swap 24/26", "ours", lora_step, dict(bs=1, ckpt=True, swap=24), 2),
+    "lora_bs1_ckpt_fp8": ("LoRA r16 bs1 ckpt fp8 base", "ours", lora_step, dict(bs=1, ckpt=True, fp8=True), 2),
+    "lora_bs1_compiled": ("LoRA r16 bs1 compiled", "ours", lora_step, dict(bs=1, ckpt=False, compile=True), 2),
+    "full_adafactor_fused": ("full bs1 ckpt Adafactor SR fused", "ours", full_step, dict(kind="Adafactor", fused=True), 3),
+    "full_adafactor_fused_ema": ("full bs1 ckpt Adafactor SR fused + CPU EMA", "ours", full_step,
+                                 dict(kind="Adafactor", fused=True, ema=True), 3),
+    "full_adamw": ("full bs1 ckpt AdamW SR", "ours", full_step, dict(kind="AdamW", fused=False), 3),
+    "cfg": ("CFG step (batch 2)", "ours", cfg_step, dict(), None),
+    "cfg_swap24": ("CFG step swap 24/26", "ours", cfg_step, dict(swap=24), None),
+    "cfg_fp8": ("CFG step fp8 base", "ours", cfg_step, dict(fp8=True), None),
+    "cfg_sage": ("CFG step sage", "ours", cfg_step, dict(attention="sage"), None),
+    "diffusers_lora_bs1": ("LoRA r16 bs1", "diffusers", diffusers_lora_step, dict(bs=1, ckpt=False), 2),
+    "diffusers_lora_bs1_ckpt": ("LoRA r16 bs1 ckpt", "diffusers", diffusers_lora_step, dict(bs=1, ckpt=True), 2),
+    "diffusers_lora_bs4_ckpt": ("LoRA r16 bs4 ckpt", "diffusers", diffusers_lora_step, dict(bs=4, ckpt=True), 8),
+    "diffusers_cfg": ("CFG step (batch 2)", "diffusers", diffusers_cfg_step, dict(), None),
 }
+# what each of our rows is compared with: diffusers' row of the same work (LoRA-like step, CFG step)
+SAME_WORK = {"lora_bs1_compiled": "LoRA r16 bs1", "lora_bs1_ckpt_swap24": "LoRA r16 bs1 ckpt",
+             "lora_bs1_ckpt_fp8": "LoRA r16 bs1 ckpt", "cfg_swap24": "CFG step (batch 2)", "cfg_fp8": "CFG step (batch 2)",
+             "cfg_sage": "CFG step (batch 2)"}
+
+
+@contextlib.contextmanager
+def compile_settings(c):
+    """On a CPU (the smoke run) inductor builds scalar C++: its vectorised CPU code depends on the host's ISA
+    and has failed on some (test_memory.py says how). On CUDA it compiles with Triton, untouched."""
+    if torch.device(c.device).type == "cuda":
+        yield
+    else:
+        with torch._inductor.config.patch({"cpp.simdlen": 1}):
+            yield
 
 
 def run_checks(c, cfg, sd):
@@ -309,8 +373,8 @@ def markdown(result):
     lines += ["| impl | case | ms | TFLOP/s | MFU | peak GiB | ours / diffusers | attention routes |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['impl']} | {r['case']} | error: {r['error']} | | | | | |")
+        if "ms" not in r:
+            lines.append(f"| {r['impl']} | {r['case']} | {'error: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']} | | | | | |")
             continue
         ratio = f"{r['ratio_to_diffusers']:.2f}" if r["ratio_to_diffusers"] else ""
         lines.append(f"| {r['impl']} | {r['case']} | {r['ms']:.1f} | {r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_gb']:.2f} | "
@@ -346,28 +410,34 @@ def main(argv=None):
     fwd_cfg = forward_flops(cfg, 2, c.cap_valid, image_tokens)
 
     rows = []
-    for key, (case, impl, fn, args, forwards) in CASES.items():
+    for key, (case, impl, fn, kwargs, forwards) in CASES.items():
         if c.cases and key not in c.cases or impl == "diffusers" and not c.diffusers:
             continue
         reset_peak(c.device)
         lumina2.ROUTES.clear()  # so each case reports only its own attention calls
         try:
-            ms, gb = fn(c, cfg, sd, *args)
+            with compile_settings(c):
+                ms, gb = fn(c, cfg, sd, **kwargs)
+        except Unavailable as e:
+            rows.append(dict(key=key, case=case, impl=impl, skipped=str(e)))
+            print(f"  {impl:9s} {case:40s} skipped: {e}", flush=True)
+            continue
         except Exception as e:  # in the GPU check one failing case must not cost the rest of the table
             if not c.check:
                 raise
-            rows.append(dict(case=case, impl=impl, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            rows.append(dict(key=key, case=case, impl=impl, error=f"{type(e).__name__}: {str(e)[:200]}"))
             print(f"  {impl:9s} {case:40s} error: {rows[-1]['error']}", flush=True)
             continue
         report = lumina2.attention_report(c.device)
         tf = (fwd_cfg if forwards is None else forwards * fwd1) / (ms * 1e-3) / 1e12
-        rows.append(dict(case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb, attention=report))
+        rows.append(dict(key=key, case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb, attention=report))
         routes = routes_text(report) if impl == "ours" else "-"  # diffusers runs its own attention
         print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GiB  {routes}", flush=True)
-    theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers" and "error" not in r}
+    theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers" and "ms" in r}
     for r in rows:
-        if "error" not in r:
-            r["ratio_to_diffusers"] = r["ms"] / theirs[r["case"]] if r["impl"] == "ours" and r["case"] in theirs else None
+        same = SAME_WORK.get(r["key"], r["case"])  # the diffusers row doing the same work
+        if "ms" in r:
+            r["ratio_to_diffusers"] = r["ms"] / theirs[same] if r["impl"] == "ours" and same in theirs else None
     if theirs:
         print("  ours / diffusers: " + ", ".join(f"{r['case']} {r['ratio_to_diffusers']:.2f}" for r in rows if r.get("ratio_to_diffusers")))
 

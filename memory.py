@@ -65,14 +65,52 @@ def dequantize(w8, scale, dtype):
     return w8.to(dtype) * scale.to(dtype)  # exact: fp8 -> bf16/fp32 is exact and the scale a power of two
 
 
+SCALED_MM = False  # set by use_scaled_mm(): bf16 forwards through an fp8 base run one fp8 GEMM (torch._scaled_mm)
+
+
+def use_scaled_mm(on, device):
+    """fp8_scaled_mm (musubi-tuner's --fp8_fast): the forward of an fp8 base Linear quantises its bf16 input
+    per row too and runs torch._scaled_mm, an fp8 x fp8 GEMM with fp32 accumulation that applies both row
+    scales in its epilogue (twice the bf16 tensor-core rate on sm89/sm90). The price is the input's rounding
+    to 3 mantissa bits, measured in test_memory.py. Checked once at start-up: CUDA needs compute capability 8.9
+    (Ada, Hopper) or newer; the CPU runs torch's reference kernel, which is how the tests prove the glue."""
+    global SCALED_MM
+    dev = torch.device(device)
+    if on and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+        raise ValueError(f"fp8_scaled_mm needs fp8 tensor cores (compute capability 8.9+, e.g. RTX 40xx, H100), but "
+                         f"{torch.cuda.get_device_name(dev)} has {torch.cuda.get_device_capability(dev)}: use fp8_scaled_mm=False "
+                         "(fp8 storage, bf16 matmuls)")
+    SCALED_MM = bool(on)
+
+
+def scaled_mm(x, w8, scale, bias):
+    """x (..., K) bf16, w8 (N, K) fp8 with scale (N, 1) or () -> (..., N) bf16 through one fp8 GEMM. The input
+    gets a per-row scale amax/448 (any float: it is applied in fp32 after the GEMM, never to the fp8 values)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # (M, 1)
+    x8 = (x2.float() / x_scale).to(FP8)
+    w_scale = scale.float().reshape(-1, 1).expand(w8.shape[0], 1).reshape(1, -1).contiguous()  # (1, N)
+    # w8.t() is (K, N) column-major, the layout the fp8 GEMM takes for its second operand
+    y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], w8.shape[0])
+
+
+def scaled_mm_fits(x, w8):
+    """The shapes and dtypes the fp8 GEMM takes: bf16 activations, e4m3 weights, K and N multiples of 16."""
+    return x.dtype == torch.bfloat16 and w8.dtype == FP8 and x.shape[-1] % 16 == 0 and w8.shape[0] % 16 == 0
+
+
 class Fp8Matmul(torch.autograd.Function):
     """x @ (w8 * scale)^T + b for a frozen fp8 weight. The dequantised weight exists only inside forward
     and inside backward: backward dequantises again from the saved fp8 bytes. Left to autograd, F.linear
-    would save the dequantised copy until backward, and fp8 would save nothing in training."""
+    would save the dequantised copy until backward, and fp8 would save nothing in training. With
+    SCALED_MM the forward is one fp8 GEMM instead (scaled_mm); backward is the same either way."""
 
     @staticmethod
     def forward(ctx, x, w8, scale, bias):
         ctx.save_for_backward(w8, scale)
+        if SCALED_MM and scaled_mm_fits(x, w8):
+            return scaled_mm(x, w8, scale, bias)
         return F.linear(x, dequantize(w8, scale, x.dtype), bias)
 
     @staticmethod
@@ -334,8 +372,10 @@ def swap_blocks(model, n, device, n_slots=2):
 # one ordered setup
 
 
-def check_combination(train_mode="lora", fp8=False, blocks_to_swap=0, fsdp=False, n_layers=None):
+def check_combination(train_mode="lora", fp8=False, fp8_scaled_mm=False, blocks_to_swap=0, fsdp=False, n_layers=None):
     """What cannot work together, refused at start-up before anything loads (ValueError)."""
+    if fp8_scaled_mm and not fp8:
+        raise ValueError("fp8_scaled_mm runs the matmuls of an fp8 base: it needs fp8_base=True")
     if blocks_to_swap < 0 or (n_layers is not None and blocks_to_swap > n_layers):
         raise ValueError(f"blocks_to_swap must be between 0 and the model's {n_layers} layers, got {blocks_to_swap}")
     if blocks_to_swap and train_mode == "full":
@@ -348,7 +388,7 @@ def check_combination(train_mode="lora", fp8=False, blocks_to_swap=0, fsdp=False
                          "swap moves whole frozen blocks itself. Use DDP (LoRA) or blocks_to_swap=0.")
 
 
-def prepare(model, device, *, fp8=False, checkpointing=False, compile=False, blocks_to_swap=0):
+def prepare(model, device, *, fp8=False, fp8_scaled_mm=False, checkpointing=False, compile=False, blocks_to_swap=0):
     """The model as loaded on the CPU, its LoRA injected (training) or merged (sampling) by the caller ->
     the model on `device`, transformed in the one order that composes:
       1. fp8 first: the LoRA merge needed the bf16 weights, and the swap must size its slots and copies in fp8;
@@ -356,7 +396,8 @@ def prepare(model, device, *, fp8=False, checkpointing=False, compile=False, blo
       3. block swap last: it owns placement, and its residency bookkeeping must wrap the compiled region,
          not be traced into it.
     DDP and the optimizer come after, in train.py. Returns the model."""
-    check_combination(fp8=fp8, blocks_to_swap=blocks_to_swap, n_layers=len(model.layers))
+    check_combination(fp8=fp8, fp8_scaled_mm=fp8_scaled_mm, blocks_to_swap=blocks_to_swap, n_layers=len(model.layers))
+    use_scaled_mm(fp8_scaled_mm, device)
     if fp8:
         quantize_fp8(model)
     if checkpointing:

@@ -54,6 +54,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 offload = "none"  # "none": all on device; "model": models wait in CPU RAM, each on the device only while used
 blocks_to_swap = 0  # --blocks_to_swap (sd-scripts): the last n DiT layers wait in CPU RAM, streamed in per step
 fp8_base = False  # --fp8_base (sd-scripts): the DiT blocks' Linear weights in fp8 (per-row scale), half the bytes
+fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, the matmuls themselves in fp8 (torch._scaled_mm; sm89+)
 compile = False  # torch.compile per DiT block (musubi-tuner's --compile); the first steps pay the compile
 dit_path = "models/lumina_2_model_bf16.safetensors"
 gemma_path = "models/gemma_2_2b_fp16.safetensors"
@@ -164,10 +165,10 @@ def save_grid(images, path, info=None):
     save_png(sheet, path, info or {})
 
 
-def place_dit(model, device, blocks_to_swap=0, fp8=False, compile=False):
-    """Put the DiT where denoising runs, through memory.prepare (LoRAs are merged by then): fp8 weights,
-    per-block compile, and block swap, which keeps the last layers in CPU RAM and streams them in per forward."""
-    return memory.prepare(model, device, fp8=fp8, compile=compile, blocks_to_swap=blocks_to_swap)
+def place_dit(model, device, blocks_to_swap=0, fp8=False, compile=False, fp8_scaled_mm=False):
+    """Put the DiT where denoising runs, through memory.prepare (LoRAs are merged by then): fp8 weights (and
+    fp8 matmuls), per-block compile, and block swap, which keeps the last layers in CPU RAM and streams them in."""
+    return memory.prepare(model, device, fp8=fp8, fp8_scaled_mm=fp8_scaled_mm, compile=compile, blocks_to_swap=blocks_to_swap)
 
 
 def peak_memory_gb(device):
@@ -267,8 +268,10 @@ def main(argv=None):
     if c.demo:
         import data
         c.dit_path, c.gemma_path, c.ae_path = (data.make_demo_weights(DEMO_DIR)[k] for k in ("dit", "gemma", "ae"))
-    try:
+    try:  # every setting that can be checked before a weight file is read
         lumina2.set_attention(c.attention, getattr(torch, c.dtype), c.device)
+        memory.check_combination(fp8=c.fp8_base, fp8_scaled_mm=c.fp8_scaled_mm, blocks_to_swap=c.blocks_to_swap)
+        memory.use_scaled_mm(c.fp8_scaled_mm, c.device)
     except (ValueError, ImportError) as e:
         raise SystemExit(str(e)) from None
     if c.device.startswith("cuda"):
@@ -282,7 +285,7 @@ def main(argv=None):
     del te
 
     # 2. denoise: each batch is a slice of one job's seeds; latents wait on the CPU
-    dit = place_dit(dit, c.device, c.blocks_to_swap, c.fp8_base, c.compile)
+    dit = place_dit(dit, c.device, c.blocks_to_swap, c.fp8_base, c.compile, c.fp8_scaled_mm)
     batches = []
     for job in jobs:
         uncond = captions[(job["negative_prompt"], c.negative_system_prompt)] if job["cfg"] != 1.0 else None

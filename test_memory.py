@@ -233,6 +233,45 @@ def test_fp8_error_on_a_2304_wide_model_row_vs_tensor(wide):
     assert plain["row"] <= plain["tensor"] and spread_err["row"] < spread_err["tensor"]
 
 
+def test_fp8_scaled_mm_glue_and_error(wide, monkeypatch):
+    """fp8_scaled_mm: torch._scaled_mm (its CPU reference kernel here, the fp8 tensor cores on sm89+) against
+    math written here, then the 2304-wide model's bf16 forward against fp32, fp8 storage vs fp8 matmuls."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 64, generator=g).bfloat16()
+    w8, scale = memory.quantize(torch.randn(48, 64, generator=g) * torch.exp2(torch.randn(48, 1, generator=g)))
+    bias = torch.randn(48, generator=g).bfloat16()
+    # independent of memory.scaled_mm: quantise x per row by hand, multiply exactly in fp64, scale, round once
+    xs = x.double().abs().amax(-1, keepdim=True) / 448
+    x8 = (x.double() / xs).float().to(torch.float8_e4m3fn).double() * xs
+    want = (x8 @ (w8.double() * scale.double()).T + bias.double()).bfloat16()
+    got = memory.scaled_mm(x, w8, scale, bias)
+    assert got.shape == (5, 7, 48) and got.dtype == torch.bfloat16
+    assert rel(got, want) < 2 ** -7  # the GEMM accumulates in fp32 and rounds once to bf16: within a bf16 step
+    # the per-tensor scale (a 0-d tensor) takes the same path
+    w8t, st = memory.quantize(w8.float() * scale, "tensor")
+    assert rel(memory.scaled_mm(x, w8t, st, None), (x8 @ (w8t.double() * st.double()).T).bfloat16()) < 2 ** -7
+
+    b = [t.bfloat16() if t.is_floating_point() else t for t in ragged_batch(B=2, cap_dim=32, L=7, lens=(7, 4), hw=(8, 8))]
+    q = copy.deepcopy(wide).to(torch.bfloat16)
+    memory.quantize_fp8(q)
+    real, calls = memory.scaled_mm, []
+    monkeypatch.setattr(memory, "scaled_mm", lambda *a: calls.append(a[1].shape) or real(*a))
+    with torch.no_grad():
+        ref = wide(*[t.float() if t.is_floating_point() else t for t in b])
+        storage = rel(q(*b), ref)
+        memory.use_scaled_mm(True, "cpu")
+        try:
+            fast = rel(q(*b), ref)
+        finally:
+            memory.use_scaled_mm(False, "cpu")
+    print(f"\nfp8 2304 wide vs fp32: fp8 storage + bf16 matmuls {storage:.4f}, fp8 matmuls (_scaled_mm) {fast:.4f}")
+    assert len(calls) == 17  # every fp8 Linear of the 3 blocks went through the fp8 GEMM, once
+    # the input's rounding to e4m3 adds about the weights' own error again (~1%), in quadrature
+    assert storage < fast < 0.05
+    with pytest.raises(ValueError, match="needs fp8_base=True"):
+        memory.check_combination(fp8_scaled_mm=True)
+
+
 def nbytes(tensors):
     return sum(t.nbytes for t in tensors)
 

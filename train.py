@@ -100,6 +100,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 attention = "sdpa"  # sdpa | flash | math (lumina2.set_attention; sd-scripts --use_flash_attn); sage samples only
 blocks_to_swap = 0  # --blocks_to_swap: this many of the 26 main layers wait in CPU RAM and stream to the device
 fp8_base = False  # --fp8_base: frozen base Linear weights stored as float8_e4m3fn with a scale (LoRA only)
+fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, forward matmuls in fp8 (torch._scaled_mm; sm89+)
 compile = False  # torch.compile each block (regional), dynamic sequence length
 train_mode = "lora"  # "lora" or "full" (every DiT weight trains; saved as a whole model in the original layout)
 bf16_update = "stochastic"  # how a bf16 weight takes its fp32 update: "stochastic" rounding (no extra memory)
@@ -446,9 +447,14 @@ def validate(c, world):
                                 "train with 'sdpa' or 'flash' and use sage in sample.py"),
         (c.blocks_to_swap > 0 and world > 1 and c.parallel == "fsdp", "blocks_to_swap cannot combine with FSDP2, which owns the weights' placement"),
         (c.fp8_base and c.train_mode == "full", "fp8_base stores the frozen base in fp8: it needs train_mode='lora'"),
+        (c.fp8_scaled_mm and not c.fp8_base, "fp8_scaled_mm runs the matmuls of an fp8 base: it needs fp8_base=True"),
     ]
     problems += [msg for bad, msg in combos if bad]
     if not device_problem(c.device, "device"):
+        try:  # the fp8 GEMM needs sm89+ on CUDA
+            memory.use_scaled_mm(c.fp8_scaled_mm, c.device)
+        except ValueError as e:
+            problems.append(str(e))
         try:  # the backend's name, its package, its device and its dtype
             lumina2.set_attention(c.attention, torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32, c.device)
         except (ValueError, ImportError) as e:
@@ -614,8 +620,8 @@ def setup_model(c, r):
                     dropout=c.network_dropout, rank_dropout=c.rank_dropout, module_dropout=c.module_dropout)
     else:
         model.requires_grad_(True).norm_final.requires_grad_(False)  # norm_final is stored but unused
-    r.model = memory.prepare(model, c.device, fp8=c.fp8_base, checkpointing=c.gradient_checkpointing, compile=c.compile,
-                             blocks_to_swap=c.blocks_to_swap)
+    r.model = memory.prepare(model, c.device, fp8=c.fp8_base, fp8_scaled_mm=c.fp8_scaled_mm,
+                             checkpointing=c.gradient_checkpointing, compile=c.compile, blocks_to_swap=c.blocks_to_swap)
     r.net = parallelize(r.model, c, r.world)
     r.params = lora.lora_parameters(r.model) if c.train_mode == "lora" else [p for p in r.model.parameters() if p.requires_grad]
     groups = [r.params] if c.train_mode == "lora" else [[p] for p in r.params]  # full: each tensor steps alone
