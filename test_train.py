@@ -64,7 +64,8 @@ LORA_RECIPE = ["--network_dim=64", "--network_alpha=64.0", "--embedder_dims=[64,
 FULL_RECIPE = ["--learning_rate=3e-3", "--lr_scheduler=constant", "--max_train_steps=600"]
 
 
-@pytest.mark.parametrize("mode,extra", [("lora", LORA_RECIPE), ("full", FULL_RECIPE)])
+@pytest.mark.parametrize("mode,extra", [("lora", LORA_RECIPE), ("full", FULL_RECIPE),
+                                        ("lora", LORA_RECIPE + ["--fp8_base=True"])], ids=["lora", "full", "lora-fp8"])
 def test_memorisation(weights, tmp_path, monkeypatch, mode, extra):
     """Train on one latent with one caption, then sample that caption: the result must approach the
     latent (a time or sign convention error in training or sampling cannot). The control run trains
