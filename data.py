@@ -301,6 +301,8 @@ def read_dataset_config(path, defaults=None):
             continue
         merged_dataset = {**base, **known(general), **known(ds)}
         check_buckets(merged_dataset, name, bad)
+        if merged_dataset["validation_split"] == 1 and any(s.get("is_reg") for s in subsets):
+            bad(name, "validation_split", "= 1 holds out every training image, and its is_reg images need training images to balance")
         seen = {}
         for j, sub in enumerate(subsets):
             sname = f"{name} / [[datasets.subsets]] #{j + 1}"
@@ -312,6 +314,8 @@ def read_dataset_config(path, defaults=None):
                 bad(sname, "image_dir" if s["metadata_file"] is None else "metadata_file", f"repeats {seen[source]} of the same [[datasets]]")
             seen.setdefault(source, f"[[datasets.subsets]] #{j + 1}")
             out.append(s)
+    if out and all(s["validation_split"] == 1 for s in out):
+        bad("every [[datasets]]", "validation_split", "is 1: every image is held out for validation and none is left to train")
     if problems:
         raise ValueError("\n".join(problems))
     return out

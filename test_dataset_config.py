@@ -253,6 +253,9 @@ CASES = [  # (config text, table, key, what the message says)
     ("[[datasets]]\nbatch_size = 2\n", "[[datasets]] #1", "subsets", "one or more [[datasets.subsets]]"),
     ("[dataset]\nresolution = 64\n" + GOOD, "top level", "dataset", "not a table of a dataset config"),
     ("general = 1\n" + GOOD, "top level", "general", "must be a table"),
+    ("[general]\nvalidation_split = 1.0\n" + GOOD, "every [[datasets]]", "validation_split", "none is left to train"),
+    (GOOD + "[[datasets]]\nvalidation_split = 1.0\n  [[datasets.subsets]]\n  image_dir = '{img}'\n  is_reg = true\n",
+     "[[datasets]] #2", "validation_split", "is_reg images need training images"),
 ] + [(GOOD + f"  {key} = {value}\n", SUB, key, "does not support: " + data.REFUSED[key]) for key, value in [
     ("color_aug", "false"), ("random_crop", "false"), ("face_crop_aug_range", "[1.0, 3.0]"), ("resize_interpolation", "'area'"),
     ("secondary_separator", "';;;'"), ("enable_wildcard", "true"), ("token_warmup_min", "1"), ("token_warmup_step", "0"),
@@ -417,10 +420,12 @@ validation_seed = {seed}
     assert all(torch.equal(x["latents"], y["latents"]) for x, y in zip(val, ds.validation_batches()))
     with pytest.raises(ValueError, match="is_reg images need training images"):
         dataset(1.0, 0)
-    everything = dataset(1.0, 0, with_reg=False)  # validation_split = 1: a dataset kept for validation only
-    assert len(everything.val) == 6 and sum(everything.repeats) == 0
-    with pytest.raises(ValueError, match="no training images"):
-        data.DatasetGroup([everything])
+    with pytest.raises(ValueError, match="none is left to train"):  # (validation_split = 1 beside a training dataset:
+        dataset(1.0, 0, with_reg=False)                               # test_validation_loss_decreases_on_the_memorisation_set)
+    one = folder(tmp_path / "one", 1)  # a split of one image holds it out: nothing left, said at start-up
+    path = write(tmp_path / "one.toml", f"[[datasets]]\nvalidation_split = 0.5\n  [[datasets.subsets]]\n  image_dir = '{one}'\n")
+    with pytest.raises(ValueError, match="no training images: every image is held out"):
+        data.build_datasets(data.read_dataset_config(path))
 
 # -----------------------------------------------------------------------------
 # end to end on the tiny models
