@@ -4,21 +4,26 @@ caches, and the tiny built-in demo (random models written in the real file layou
 dataset of coloured shapes), so that everything runs on a CPU with no downloads.
 
 A dataset is a folder (searched recursively) of .jpg/.jpeg/.png/.webp images, each with a caption in a
-same-stem .txt file. Every image goes to the aspect bucket nearest its own aspect, is resized to cover
+same-stem .txt file, or the subsets of an sd-scripts dataset config (read_dataset_config: TOML with
+[general], [[datasets]] and [[datasets.subsets]]); DatasetGroup trains several datasets, each at its own
+resolution, in one run. Every image goes to the aspect bucket nearest its own aspect, is resized to cover
 the bucket and centre-cropped. The AE and text encoder run once, up front (cache_latents, cache_text);
-training then reads only the caches, so both models can be freed. Disk caches are keyed by a
-fingerprint of everything that produced them, so a changed setting re-encodes and nothing goes stale.
+training then reads only the caches, so both models can be freed. Shuffled captions are cached as a few
+variants per caption, and each step picks one. Disk caches are keyed by a fingerprint of everything that
+produced them, so a changed setting re-encodes and nothing goes stale.
 
     python -c "import data; print(data.make_demo_weights('out/demo/weights'))"
     python -c "import data; print(data.make_demo_dataset('out/demo/images'))"
 """
 import contextlib
+import difflib
 import hashlib
 import io
 import json
 import math
 import os
 import random
+import tomllib
 import warnings
 
 import numpy as np
@@ -93,44 +98,360 @@ def to_tensor(img):
 # folder scanning
 
 
-def scan_folder(root, caption_ext=".txt"):
-    """All images under root (recursive, sorted) -> list of (path, caption). A missing caption file gives ""
-    with a warning; an image that fails to decode is reported and skipped. Decoding is a full load, not
-    just verify(): a truncated JPEG passes verify() and only fails when its pixels are read."""
+def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
+    """All images under root (sorted; recursive, or only those directly inside as sd-scripts' image_dir)
+    -> list of (path, caption). A missing caption file gives class_tokens, or "" with a warning; an image
+    that fails to decode is reported and skipped."""
     if not os.path.isdir(root):
         raise ValueError(f"dataset folder {root!r} does not exist or is not a folder")
     items, bad = [], []
     for folder, dirs, files in os.walk(root):
-        dirs.sort()
+        dirs[:] = sorted(dirs) if recursive else []
         for name in sorted(files):
             if not name.lower().endswith(IMAGE_EXTS):
                 continue
             path = os.path.join(folder, name)
-            try:
-                with Image.open(path) as img:
-                    img.verify()
-                with Image.open(path) as img:
-                    img.load()
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... all mean unusable
-                print(f"skipping unreadable image {path}: {e}")
+            if not readable_image(path):
                 bad.append(path)
                 continue
-            items.append((path, read_caption(path, caption_ext)))
+            items.append((path, read_caption(path, caption_ext, class_tokens)))
     if bad:
         print(f"{len(bad)} unreadable image(s) skipped in {root}")
     if not items:
-        raise ValueError(f"no usable images in {root!r} (looked for {', '.join(IMAGE_EXTS)}, recursively)")
+        raise ValueError(f"no usable images in {root!r} (looked for {', '.join(IMAGE_EXTS)}{', recursively' if recursive else ''})")
     return items
 
 
-def read_caption(image_path, caption_ext):
-    """The same-stem caption file's text, stripped (a UTF-8 BOM too); "" with a warning when missing."""
+def readable_image(path):
+    """True when the image decodes; else False, with the reason printed. Decoding is a full load, not just
+    verify(): a truncated JPEG passes verify() and only fails when its pixels are read."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... all mean unusable
+        print(f"skipping unreadable image {path}: {e}")
+        return False
+
+
+def read_caption(image_path, caption_ext, class_tokens=None):
+    """The same-stem caption file's text, stripped (a UTF-8 BOM too). When the file is missing:
+    class_tokens (sd-scripts' DreamBooth fallback) if given, else "" with a warning."""
     path = os.path.splitext(image_path)[0] + caption_ext
     if not os.path.exists(path):
+        if class_tokens is not None:
+            return class_tokens
         warnings.warn(f"no caption file {path} for {image_path}; using the empty caption")
         return ""
     with open(path, encoding="utf-8-sig") as f:
         return f.read().strip()
+
+
+def scan_metadata(metadata_file, image_dir=None):
+    """sd-scripts' fine-tuning metadata, a JSON object {image key: {"caption": ..., "tags": ...}} -> list of
+    (path, caption), sorted by key. A key is an image's path, or its name (with or without the extension)
+    inside image_dir; the caption is the caption and the tags joined with ", ". A missing or unreadable
+    image is reported and skipped."""
+    with open(metadata_file, encoding="utf-8-sig") as f:
+        meta = json.load(f)
+    items, missing = [], []
+    for key in sorted(meta):
+        path = find_image(key, image_dir)
+        if path is None:
+            missing.append(key)
+        elif readable_image(path):
+            parts = [meta[key].get(k) for k in ("caption", "tags")]
+            caption = ", ".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
+            if not caption:
+                warnings.warn(f"{metadata_file}: {key!r} has no caption or tags; using the empty caption")
+            items.append((path, caption))
+    if missing:
+        print(f"{metadata_file}: {len(missing)} image(s) not found, skipped: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if not items:
+        raise ValueError(f"no usable images listed in {metadata_file!r} (image_dir {image_dir!r})")
+    return items
+
+
+def find_image(key, image_dir):
+    """The file a metadata key names: the key as a path, else image_dir/key, else image_dir/key + an image extension."""
+    candidates = [key] + ([os.path.join(image_dir, key)] + [os.path.join(image_dir, key + e) for e in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS)]
+                          if image_dir else [])
+    return next((c for c in candidates if c.lower().endswith(IMAGE_EXTS) and os.path.isfile(c)), None)
+
+# -----------------------------------------------------------------------------
+# sd-scripts dataset config (TOML): [general], [[datasets]], [[datasets.subsets]]; the nearest table wins
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)  # TOML true is not the integer 1
+
+
+def is_number(v):
+    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+
+def is_side(v):
+    return is_int(v) and v >= 16 and v % 16 == 0
+
+
+BOOL = (lambda v: isinstance(v, bool), "true or false")
+TEXT = (lambda v: isinstance(v, str), "a string")
+PATH = (lambda v: isinstance(v, str) and v != "", "a non-empty path")
+AT_LEAST_1 = (lambda v: is_int(v) and v >= 1, "an integer >= 1")
+RATE = (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+SIDE = (is_side, "a positive multiple of 16")
+
+# Where a key may be written: DATASET keys hold one value per [[datasets]] (in [general] or [[datasets]]); SUBSET
+# keys may be written at every level and the subset's own table wins; OWN keys belong to one subset only.
+DATASET, SUBSET, OWN = "dataset", "subset", "own"
+
+# Every supported key: (where, default, (check, what the value must be)). train.py's dataset constants replace
+# some defaults (read_dataset_config's `defaults`), as sd-scripts' command-line flags do under [general].
+KEYS = {
+    "resolution": (DATASET, 1024, (lambda v: is_side(v) or (isinstance(v, list) and len(v) == 2 and all(map(is_side, v))),
+                                   "a side or [width, height], positive multiples of 16")),
+    "batch_size": (DATASET, 1, AT_LEAST_1),
+    "enable_bucket": (DATASET, False, BOOL),  # false (sd-scripts' default): every image is cropped to the resolution
+    "min_bucket_reso": (DATASET, None, SIDE),  # unset: the official buckets' own range (aspect <= 4)
+    "max_bucket_reso": (DATASET, None, SIDE),
+    "bucket_reso_steps": (DATASET, 16, SIDE),  # sd-scripts' default is 64; the official buckets walk 16 px tiles
+    "bucket_no_upscale": (DATASET, False, BOOL),
+    "validation_split": (DATASET, 0.0, (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1] (1: every image of the dataset validates)")),
+    "validation_seed": (DATASET, 0, (is_int, "an integer")),
+    "system_prompt": (DATASET, lumina2.SYSTEM_PROMPTS["base"], TEXT),  # one text cache per dataset
+    "num_repeats": (SUBSET, 1, AT_LEAST_1),
+    "flip_aug": (SUBSET, False, BOOL),
+    "caption_extension": (SUBSET, ".txt", (lambda v: isinstance(v, str) and v.startswith("."), "an extension such as '.txt'")),
+    "class_tokens": (SUBSET, None, TEXT),  # the caption of an image without a caption file
+    "shuffle_caption": (SUBSET, False, BOOL),
+    "keep_tokens": (SUBSET, 0, (lambda v: is_int(v) and v >= 0, "an integer >= 0")),
+    "keep_tokens_separator": (SUBSET, "", TEXT),
+    "caption_separator": (SUBSET, ",", (lambda v: isinstance(v, str) and v != "", "a non-empty string")),
+    "caption_prefix": (SUBSET, "", TEXT),
+    "caption_suffix": (SUBSET, "", TEXT),
+    "caption_dropout_rate": (SUBSET, 0.0, RATE),
+    "caption_tag_dropout_rate": (SUBSET, 0.0, (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")),
+    "image_dir": (OWN, None, PATH),
+    "metadata_file": (OWN, None, PATH),
+    "is_reg": (OWN, False, BOOL),
+}
+
+# sd-scripts' other dataset keys, refused by name with the reason, so none is silently ignored
+REFUSED = {
+    "color_aug": "it changes the pixels at every step, so latents could not be cached (sd-scripts refuses it with cached latents too)",
+    "random_crop": "it crops differently at every step, so latents could not be cached; images are centre-cropped",
+    "face_crop_aug_range": "it crops differently at every step, so latents could not be cached",
+    "resize_interpolation": "images are always resized with LANCZOS (part of the latent cache's fingerprint)",
+    "skip_image_resolution": "not implemented: move the small images to another folder",
+    "secondary_separator": "not implemented: write the grouped tags with caption_separator",
+    "enable_wildcard": "wildcards and multi-line captions pick text at every step; not implemented",
+    "token_warmup_min": "token warm-up depends on the step; not implemented",
+    "token_warmup_step": "token warm-up depends on the step; not implemented",
+    "caption_dropout_every_n_epochs": "not implemented: use caption_dropout_rate",
+    "cache_info": "not needed (image sizes come from the file headers, caches are keyed by fingerprints): remove the key",
+    "alpha_mask": "the masked loss is not implemented",
+    "conditioning_data_dir": "ControlNet datasets are not supported",
+    "custom_attributes": "per-subset attributes (differential output preservation) are not implemented",
+    "network_multiplier": "a per-dataset LoRA multiplier is not implemented",
+}
+
+
+def read_dataset_config(path, defaults=None):
+    """An sd-scripts dataset config (TOML: [general], [[datasets]], [[datasets.subsets]]) -> list of subset dicts,
+    each with every key of KEYS resolved (subset over dataset over general over `defaults` over KEYS' defaults)
+    plus `dataset` (0-based index of its [[datasets]] table), `table` (its name, for messages) and
+    `recursive` (False: sd-scripts reads only the images directly inside image_dir). Checks everything a
+    config can get wrong without reading an image; raises one ValueError listing every problem, each line
+    naming the file, the table and the key."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"dataset_config {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    problems = []
+
+    def bad(table, key, message):
+        problems.append(f"{path}: {table}: {key!r} {message}")
+
+    for key in doc:
+        if key not in ("general", "datasets"):
+            bad("top level", key, "is not a table of a dataset config (it has [general] and [[datasets]] with [[datasets.subsets]])")
+    general = doc.get("general", {})
+    if not isinstance(general, dict):
+        bad("top level", "general", "must be a table: [general]")
+        general = {}
+    check_table(general, "[general]", (DATASET, SUBSET), bad)
+    datasets = doc.get("datasets")
+    if not (isinstance(datasets, list) and datasets and all(isinstance(d, dict) for d in datasets)):
+        bad("top level", "datasets", "must be one or more [[datasets]] tables")
+        datasets = []
+    base = {key: default for key, (_, default, _) in KEYS.items()}
+    base.update({k: v for k, v in (defaults or {}).items() if k in KEYS})
+    out = []
+    for d, ds in enumerate(datasets):
+        name = f"[[datasets]] #{d + 1}"
+        check_table({k: v for k, v in ds.items() if k != "subsets"}, name, (DATASET, SUBSET), bad)
+        subsets = ds.get("subsets")
+        if not (isinstance(subsets, list) and subsets and all(isinstance(s, dict) for s in subsets)):
+            bad(name, "subsets", "must be one or more [[datasets.subsets]] tables")
+            continue
+        merged_dataset = {**base, **known(general), **known(ds)}
+        check_buckets(merged_dataset, name, bad)
+        if merged_dataset["validation_split"] == 1 and any(s.get("is_reg") for s in subsets):
+            bad(name, "validation_split", "= 1 holds out every training image, and its is_reg images need training images to balance")
+        seen = {}
+        for j, sub in enumerate(subsets):
+            sname = f"{name} / [[datasets.subsets]] #{j + 1}"
+            check_table(sub, sname, (SUBSET, OWN), bad)
+            s = {**merged_dataset, **known(sub), "dataset": d, "table": sname, "recursive": False}
+            check_sources(s, sub, sname, bad)
+            source = (s["image_dir"], s["metadata_file"])
+            if source in seen:  # sd-scripts drops a repeated subset silently; here it is an error
+                bad(sname, "image_dir" if s["metadata_file"] is None else "metadata_file", f"repeats {seen[source]} of the same [[datasets]]")
+            seen.setdefault(source, f"[[datasets.subsets]] #{j + 1}")
+            out.append(s)
+    if out and all(s["validation_split"] == 1 for s in out):
+        bad("every [[datasets]]", "validation_split", "is 1: every image is held out for validation and none is left to train")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return out
+
+
+def known(table):
+    return {k: v for k, v in table.items() if k in KEYS}
+
+
+def check_table(table, name, allowed, bad):
+    """Each key of one table: refused, unknown, in the wrong table, or of the wrong type or range."""
+    where = {DATASET: "[general] or [[datasets]]", SUBSET: "any table", OWN: "[[datasets.subsets]]"}
+    for key, value in table.items():
+        if key in REFUSED:
+            bad(name, key, f"is an sd-scripts key this trainer does not support: {REFUSED[key]}")
+        elif key not in KEYS:
+            near = difflib.get_close_matches(key, list(KEYS) + list(REFUSED), n=1)
+            bad(name, key, "is not a dataset config key" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        elif KEYS[key][0] not in allowed:
+            bad(name, key, f"belongs in {where[KEYS[key][0]]}" + (" (here one system prompt per dataset: each dataset has one text cache)"
+                                                                   if key == "system_prompt" else ""))
+        elif not KEYS[key][2][0](value):
+            bad(name, key, f"must be {KEYS[key][2][1]}, got {value!r}")
+
+
+def check_buckets(s, name, bad):
+    """The bucket settings of one dataset, after inheritance: ranges that fit the step and leave a bucket."""
+    keys = ("resolution", "enable_bucket", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")
+    if not all(s[k] is None or KEYS[k][2][0](s[k]) for k in keys):
+        return  # already reported
+    step, lo, hi = s["bucket_reso_steps"], s["min_bucket_reso"], s["max_bucket_reso"]
+    for key, v in (("min_bucket_reso", lo), ("max_bucket_reso", hi)):
+        if v is not None and v % step:
+            bad(name, key, f"must be a multiple of bucket_reso_steps ({step}), got {v}")
+    if lo is not None and hi is not None and lo > hi:
+        bad(name, "min_bucket_reso", f"({lo}) is larger than max_bucket_reso ({hi})")
+    elif s["enable_bucket"] and not dataset_buckets(s):
+        bad(name, "min_bucket_reso" if lo else "max_bucket_reso",
+            f"leaves no bucket of area <= {s['resolution']}^2 with sides in [{lo}, {hi}]")
+
+
+def check_sources(s, own, name, bad):
+    """Where one subset's images come from: image_dir (a folder) and/or metadata_file (sd-scripts' JSON)."""
+    if s["image_dir"] is None and s["metadata_file"] is None:
+        bad(name, "image_dir", "is missing: a subset needs image_dir (a folder of images) or metadata_file")
+    if isinstance(s["image_dir"], str) and not os.path.isdir(s["image_dir"]):
+        bad(name, "image_dir", f"{s['image_dir']!r} does not exist or is not a folder")
+    if isinstance(s["metadata_file"], str):
+        for key in ("caption_extension", "class_tokens"):
+            if key in own:
+                bad(name, key, "has no effect with metadata_file (the captions come from the JSON file)")
+        try:
+            with open(s["metadata_file"], encoding="utf-8-sig") as f:
+                meta = json.load(f)
+            if not (isinstance(meta, dict) and all(isinstance(v, dict) for v in meta.values())):
+                bad(name, "metadata_file", f"{s['metadata_file']!r} is not a JSON object of {{image: {{\"caption\": ..., \"tags\": ...}}}}")
+        except FileNotFoundError:
+            bad(name, "metadata_file", f"{s['metadata_file']!r} does not exist")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            bad(name, "metadata_file", f"{s['metadata_file']!r} is not valid JSON: {e}")
+
+
+def folder_subset(root, **values):
+    """The one subset that train_data_dir stands for: the folder searched recursively, bucketed, with train.py's
+    dataset constants (values: keys of KEYS) for the rest."""
+    s = {key: default for key, (_, default, _) in KEYS.items()}
+    s.update(values)
+    s.update(image_dir=root, enable_bucket=True, dataset=0, table="train_data_dir", recursive=True)
+    return s
+
+
+def dataset_buckets(s):
+    """The sizes (w, h) a dataset's images may go to: the official staircase for an area of resolution^2 (or
+    w x h) over bucket_reso_steps tiles, with sides in [min_bucket_reso, max_bucket_reso]; one size, the
+    resolution itself, when enable_bucket is false."""
+    w, h = s["resolution"] if isinstance(s["resolution"], list) else (s["resolution"], s["resolution"])
+    if not s["enable_bucket"]:
+        return [(w, h)]
+    lo, hi = s["min_bucket_reso"] or 0, s["max_bucket_reso"] or math.inf
+    return [(bw, bh) for bw, bh in bucket_sizes(math.sqrt(w * h), s["bucket_reso_steps"]) if lo <= min(bw, bh) and max(bw, bh) <= hi]
+
+
+def image_bucket(w, h, sizes, s):
+    """The bucket of a w x h image: the nearest in aspect; with bucket_no_upscale, an image smaller than that
+    bucket keeps its own size cut down to the step (sd-scripts' rule: it is never enlarged)."""
+    b = nearest_bucket(w, h, sizes)
+    step = s["bucket_reso_steps"]
+    if s["enable_bucket"] and s["bucket_no_upscale"] and w * h < b[0] * b[1]:
+        return max(step, w // step * step), max(step, h // step * step)
+    return b
+
+# -----------------------------------------------------------------------------
+# captions: sd-scripts' caption processing, and the few variants of a shuffled caption that get cached
+
+
+def shuffles(s):
+    """True when a subset's captions change from step to step (so they are cached as variants)."""
+    return s["shuffle_caption"] or s["caption_tag_dropout_rate"] > 0
+
+
+def make_caption(caption, s, rng=None):
+    """The text one image trains with. The prefix and suffix are joined on first (sd-scripts shuffles them with
+    the rest). When the subset shuffles or drops tags, or the text has keep_tokens_separator, it is split
+    into tags at caption_separator: the first keep_tokens tags (or the parts before the first and after the
+    second separator) stay where they are; the others are shuffled and each dropped with
+    caption_tag_dropout_rate, using rng (None: kept in order, none dropped); the tags are joined with ", "."""
+    text = " ".join(t for t in (s["caption_prefix"], caption, s["caption_suffix"]) if t)
+    sep = s["keep_tokens_separator"]
+    if not (shuffles(s) or (sep and sep in text)):
+        return text
+
+    def tags(part):
+        return [t.strip() for t in part.split(s["caption_separator"]) if t.strip()]
+
+    if sep and sep in text:
+        head, _, rest = text.partition(sep)
+        middle, _, tail = rest.partition(sep)
+        fixed, free, end = tags(head), tags(middle), tags(tail)
+    else:
+        every = tags(text)
+        fixed, free, end = every[:s["keep_tokens"]], every[s["keep_tokens"]:], []
+    if rng is not None:
+        if s["shuffle_caption"]:
+            free = [free[k] for k in rng.permutation(len(free))]
+        if s["caption_tag_dropout_rate"] > 0:
+            free = [t for t, u in zip(free, rng.random(len(free))) if u >= s["caption_tag_dropout_rate"]]
+    return ", ".join(fixed + free + end)
+
+
+def caption_variants(caption, s, n, seed):
+    """The texts to cache for one training image: the caption as processed, or, when its subset shuffles or
+    drops tags, n variants, variant v drawn from (seed, v, caption) alone: the same on every run and resume."""
+    if not shuffles(s):
+        return [make_caption(caption, s)]
+    return [make_caption(caption, s, np.random.default_rng(int(hashlib.sha256(f"{seed}\n{v}\n{caption}".encode()).hexdigest()[:16], 16)))
+            for v in range(n)]
 
 # -----------------------------------------------------------------------------
 # caches: one safetensors file per entry, named by the hash of its fingerprint
@@ -190,19 +511,88 @@ def cache_get(store, key):
 
 
 class Dataset:
-    """Images of one folder in aspect buckets, with cached latents and caption features.
+    """The images of one folder, or of the subsets of one [[datasets]] table of a dataset config, in aspect
+    buckets, with cached latents and caption features. Per image: its bucket, its repeats per epoch (0 for a
+    validation image), its caption texts (several variants when its subset shuffles), its subset's flip and
+    caption dropout. Per dataset: the buckets, batch_size and system_prompt.
 
     Caches: latents are kept in `dtype` (fp32 by default, lossless; bf16 halves the memory) and returned
     as fp32; caption features are kept as the text encoder returned them (its weight dtype), valid tokens
     only, and padded per batch. With cache_dir they live on disk and are read when a batch needs them."""
 
-    def __init__(self, root, resolution=1024, repeats=1, flip=False, caption_ext=".txt", bucket_step=16):
-        self.root, self.resolution, self.repeats, self.flip = root, resolution, repeats, flip
-        self.items = scan_folder(root, caption_ext)
-        sizes = bucket_sizes(resolution, bucket_step)
-        self.buckets = [nearest_bucket(*image_size(p), sizes) for p, _ in self.items]  # (w, h) per image
-        self.latents, self.text = {}, {}  # (index, flipped) -> (16, h, w); caption -> (L, D)
-        print(f"{len(self.items)} images in {len(set(self.buckets))} buckets from {root}")
+    def __init__(self, root=None, resolution=1024, repeats=1, flip=False, caption_ext=".txt", bucket_step=16,
+                 subsets=None, variants=1, seed=0):
+        """Either a folder (root and the keywords after it; caption dropout then comes from batches()), or
+        subsets: the subset dicts of one [[datasets]] table (read_dataset_config or folder_subset), with
+        `variants` cached texts per shuffled caption, drawn from `seed`."""
+        if subsets is None:
+            subsets = [folder_subset(root, resolution=resolution, num_repeats=repeats, flip_aug=flip, caption_extension=caption_ext,
+                                     bucket_reso_steps=bucket_step, caption_dropout_rate=None)]
+        first = subsets[0]  # the dataset-level keys are the same in every subset of a dataset
+        self.subsets, self.root, self.resolution = subsets, first["image_dir"], first["resolution"]
+        self.batch_size, self.system_prompt = first["batch_size"], first["system_prompt"]
+        self.items, self.subset_of = [], []  # (path, caption as written); index into self.subsets
+        for k, sub in enumerate(subsets):
+            found = (scan_metadata(sub["metadata_file"], sub["image_dir"]) if sub["metadata_file"] else
+                     scan_folder(sub["image_dir"], sub["caption_extension"], sub["recursive"], sub["class_tokens"]))
+            self.items += found
+            self.subset_of += [k] * len(found)
+        self.val = self.split_validation(first["validation_split"], first["validation_seed"])
+        self.repeats = [0 if i in self.val else self.subset(i)["num_repeats"] for i in range(len(self.items))]
+        self.balance_regularisation()
+        keep = [i for i in range(len(self.items)) if self.repeats[i] or i in self.val]  # unused reg images go
+        self.val = {new for new, old in enumerate(keep) if old in self.val}
+        self.items, self.subset_of, self.repeats = ([x[i] for i in keep] for x in (self.items, self.subset_of, self.repeats))
+        sizes = dataset_buckets(first)
+        self.buckets = [image_bucket(*image_size(p), sizes, first) for p, _ in self.items]  # (w, h) per image
+        # the caption texts per image: a validation image uses its caption as written, unshuffled
+        self.texts = [[make_caption(c, self.subset(i))] if i in self.val else caption_variants(c, self.subset(i), variants, seed)
+                      for i, (_, c) in enumerate(self.items)]
+        self.latents, self.text = {}, {}  # (index, flipped) -> (16, h, w); caption text -> (L, D)
+        n_reg = sum(self.subset(i)["is_reg"] for i in range(len(self.items)))
+        print(f"{len(self.items) - len(self.val)} training images ({n_reg} regularisation) + {len(self.val)} validation "
+              f"in {len(set(self.buckets))} buckets, batch {self.batch_size}, from "
+              + ", ".join(sub["image_dir"] or sub["metadata_file"] for sub in subsets))
+
+    def subset(self, i):
+        return self.subsets[self.subset_of[i]]
+
+    def split_validation(self, split, seed):
+        """The images held out for validation: a `split` fraction of the non-regularisation images (at least
+        one when split > 0; all of them when split = 1), drawn from `seed` alone -> set of indices."""
+        pool = [i for i in range(len(self.items)) if not self.subset(i)["is_reg"]]
+        if split <= 0 or not pool:
+            return set()
+        n = len(pool) if split >= 1 else max(1, round(split * len(pool)))
+        return {pool[k] for k in np.random.default_rng(seed).permutation(len(pool))[:n]}
+
+    def balance_regularisation(self):
+        """sd-scripts' rule for is_reg images: they are repeated until they give as many samples per epoch as
+        the training images do (num_repeats included), cycling through them one more repeat at a time after
+        a first pass with their own num_repeats; those the count never reaches are not used. They train like
+        any other image (sd-scripts' prior_loss_weight is 1 by default; it is not offered here)."""
+        reg = [i for i in range(len(self.items)) if self.subset(i)["is_reg"]]
+        target = sum(r for i, r in enumerate(self.repeats) if not self.subset(i)["is_reg"])
+        if not reg:
+            return
+        if target == 0:
+            raise ValueError(f"{self.subset(reg[0])['table']}: is_reg images need training images in the same [[datasets]] to balance")
+        for i in reg:
+            self.repeats[i] = 0
+        n, first = 0, True
+        while n < target:
+            for i in reg:
+                add = self.subset(i)["num_repeats"] if first else 1
+                self.repeats[i], n = self.repeats[i] + add, n + add
+                if n >= target:
+                    break
+            first = False
+        print(f"regularisation: {sum(self.repeats[i] > 0 for i in reg)} of {len(reg)} images give {n} samples per epoch "
+              f"(training images: {target})")
+
+    def flips(self, i):
+        """Whether image i is also cached and trained mirrored: its subset's flip_aug, training images only."""
+        return self.subset(i)["flip_aug"] and i not in self.val
 
     def __len__(self):
         return len(self.items)
@@ -218,7 +608,7 @@ class Dataset:
         todo, reused = {}, 0  # bucket -> [(key, fingerprint text, digest, file path)]
         for i, (path, _) in enumerate(self.items):
             st = os.stat(path)
-            for flipped in ([False, True] if self.flip else [False]):
+            for flipped in ([False, True] if self.flips(i) else [False]):
                 text, digest = fingerprint(ae=ae_id, ae_dtype=ae_dtype, image=os.path.abspath(path), size=st.st_size,
                                            mtime=st.st_mtime_ns, bucket=self.buckets[i], flip=flipped,
                                            mode="sample" if sample else "mean", dtype=str(dtype), pre=PREPROCESS)
@@ -254,15 +644,16 @@ class Dataset:
 
     @torch.no_grad()
     def cache_text(self, text_encoder, system_prompt, max_length, cache_dir=None, te_id="", batch_size=8):
-        """Encode every distinct caption, and the empty caption "" for caption dropout (the system
-        prompt still applied), keeping the first min(max_length, encoder max) valid tokens. Gemma is
-        causal, so these equal an encoding truncated at that length. Returns (reused, encoded)."""
+        """Encode every distinct caption text the images use (every cached variant of a shuffled caption),
+        and the empty caption "" for caption dropout (the system prompt still applied), keeping the first
+        min(max_length, encoder max) valid tokens. Gemma is causal, so these equal an encoding truncated at
+        that length. Returns (reused, encoded)."""
         if cache_dir and not te_id:
             warnings.warn("cache_text without te_id: a different text-encoder file will not invalidate the disk cache")
         max_length = min(max_length, text_encoder.max_length)
         te_dtype = str(next(text_encoder.parameters()).dtype)
         todo, reused = [], 0
-        for caption in sorted({c for _, c in self.items} | {""}):
+        for caption in sorted({t for texts in self.texts for t in texts} | {""}):
             text, digest = fingerprint(te=te_id, te_dtype=te_dtype, softcap=lumina2.GEMMA_SOFTCAP,
                                        system_prompt=system_prompt, max_length=max_length, caption=caption)
             file = os.path.join(cache_dir, "text", digest + ".safetensors") if cache_dir else None
@@ -283,58 +674,152 @@ class Dataset:
         return reused, len(todo)
 
     def epoch_plan(self, batch_size, seed, epoch, caption_dropout=0.0):
-        """The whole epoch as lists of (index, flipped, dropped), from (seed, epoch) only: shuffle each
+        """The whole epoch as lists of (index, flipped, caption text), from (seed, epoch) only: shuffle each
         bucket's samples (repeats included), cut them into batches (a bucket's last batch may be smaller:
-        it is kept, not dropped or padded), shuffle the batch order, then draw flips and caption dropout
-        per sample from their own generators, so one setting never changes the other's draws."""
+        it is kept, not dropped or padded), shuffle the batch order, then draw per sample the flip, the
+        caption dropout (the subset's rate, else `caption_dropout`; a dropped caption is "") and which cached
+        variant of its caption it uses, each from its own generator, so one setting never changes another's draws."""
         order = np.random.default_rng([seed, epoch, 0])
         by_bucket = {}
         for i, b in enumerate(self.buckets):
-            by_bucket.setdefault(b, []).extend([i] * self.repeats)
+            if self.repeats[i]:
+                by_bucket.setdefault(b, []).extend([i] * self.repeats[i])
         batches = []
         for b in sorted(by_bucket):
             idx = [by_bucket[b][k] for k in order.permutation(len(by_bucket[b]))]
             batches += [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
         batches = [batches[k] for k in order.permutation(len(batches))]
         n = sum(len(b) for b in batches)
-        flips = (np.random.default_rng([seed, epoch, 1]).random(n) < 0.5) & self.flip
-        drops = np.random.default_rng([seed, epoch, 2]).random(n) < caption_dropout
+        flips = np.random.default_rng([seed, epoch, 1]).random(n) < 0.5
+        drops = np.random.default_rng([seed, epoch, 2]).random(n)
+        picks = np.random.default_rng([seed, epoch, 3]).integers(0, 1 << 30, n)
         plan, k = [], 0
         for b in batches:
-            plan.append([(i, bool(flips[k + j]), bool(drops[k + j])) for j, i in enumerate(b)])
+            batch = []
+            for j, i in enumerate(b):
+                rate = self.subset(i)["caption_dropout_rate"]
+                dropped = drops[k + j] < (caption_dropout if rate is None else rate)
+                text = "" if dropped else self.texts[i][picks[k + j] % len(self.texts[i])]
+                batch.append((i, bool(flips[k + j]) and self.flips(i), text))
+            plan.append(batch)
             k += len(b)
         return plan
 
     def len_batches(self, batch_size):
-        """Batches per epoch: per bucket ceil(images * repeats / batch_size), the last one kept even if short."""
-        return sum(math.ceil(self.buckets.count(b) * self.repeats / batch_size) for b in set(self.buckets))
+        """Batches per epoch: per bucket ceil(samples / batch_size) (samples: repeats included, validation
+        images excluded), the last one kept even if short."""
+        samples = {}
+        for b, r in zip(self.buckets, self.repeats):
+            samples[b] = samples.get(b, 0) + r
+        return sum(math.ceil(n / batch_size) for n in samples.values())
+
+    def check_cached(self):
+        if len(self.latents) < sum(1 + self.flips(i) for i in range(len(self.items))) or not self.text:
+            raise RuntimeError("call cache_latents(ae, ...) and cache_text(text_encoder, ...) before batches()")
 
     def batches(self, batch_size, seed, epoch, caption_dropout=0.0, skip=0, rank=0, world=1):
         """Yield the epoch's batches, from batch `skip` on (exact resume: the skipped batches are not
-        loaded), as dicts: latents (B, 16, h, w) fp32, cap_feats (B, L, D) in the text encoder's dtype,
-        zero-padded to this batch's longest caption, cap_mask (B, L) bool, captions (the ones used: "" when
-        dropped), paths. With world > 1 processes a global batch holds batch_size x world samples and this
-        rank gets its contiguous share, starting at `start` of `global_size`; `weight` = share x world /
-        global_size makes the average over ranks of weight x (share mean) the global mean. A rank left with
-        no sample (a bucket's short last batch) gets the batch's first one with weight 0: every rank must
-        run backward."""
-        if len(self.latents) < len(self.items) * (2 if self.flip else 1) or not self.text:
-            raise RuntimeError("call cache_latents(ae, ...) and cache_text(text_encoder, ...) before batches()")
+        loaded), as load() makes them. With world > 1 processes a global batch holds batch_size x world
+        samples and this rank gets its share."""
+        self.check_cached()
         for batch in self.epoch_plan(batch_size * world, seed, epoch, caption_dropout)[skip:]:
-            n = len(batch)
-            lo, hi = n * rank // world, n * (rank + 1) // world
-            share = batch[lo:hi] or batch[:1]
-            captions = ["" if dropped else self.items[i][1] for i, _, dropped in share]
-            feats = [cache_get(self.text, c) for c in captions]
-            L = max(f.shape[0] for f in feats)
-            cap_feats = feats[0].new_zeros(len(feats), L, feats[0].shape[1])
-            cap_mask = torch.zeros(len(feats), L, dtype=torch.bool)
-            for j, f in enumerate(feats):
-                cap_feats[j, :len(f)], cap_mask[j, :len(f)] = f, True
-            yield {"latents": torch.stack([cache_get(self.latents, (i, flipped)).float() for i, flipped, _ in share]),
-                   "cap_feats": cap_feats, "cap_mask": cap_mask, "captions": captions,
-                   "paths": [self.items[i][0] for i, _, _ in share],
-                   "global_size": n, "start": lo if hi > lo else 0, "weight": (hi - lo) * world / n}
+            yield self.load(batch, rank, world)
+
+    def load(self, batch, rank=0, world=1):
+        """One batch of the plan -> dict: latents (B, 16, h, w) fp32, cap_feats (B, L, D) in the text encoder's
+        dtype, zero-padded to this batch's longest caption, cap_mask (B, L) bool, captions (the texts used:
+        "" when dropped), paths. This rank's contiguous share starts at `start` of `global_size`; `weight` =
+        share x world / global_size makes the average over ranks of weight x (share mean) the global mean.
+        A rank left with no sample (a bucket's short last batch) gets the batch's first one with weight 0:
+        every rank must run backward."""
+        n = len(batch)
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        share = batch[lo:hi] or batch[:1]
+        captions = [text for _, _, text in share]
+        feats = [cache_get(self.text, c) for c in captions]
+        L = max(f.shape[0] for f in feats)
+        cap_feats = feats[0].new_zeros(len(feats), L, feats[0].shape[1])
+        cap_mask = torch.zeros(len(feats), L, dtype=torch.bool)
+        for j, f in enumerate(feats):
+            cap_feats[j, :len(f)], cap_mask[j, :len(f)] = f, True
+        return {"latents": torch.stack([cache_get(self.latents, (i, flipped)).float() for i, flipped, _ in share]),
+                "cap_feats": cap_feats, "cap_mask": cap_mask, "captions": captions,
+                "paths": [self.items[i][0] for i, _, _ in share],
+                "global_size": n, "start": lo if hi > lo else 0, "weight": (hi - lo) * world / n}
+
+    def validation_batches(self):
+        """The validation images, bucket by bucket and in index order, batch_size at a time, unflipped, each
+        with its caption as written: the same batches at every call."""
+        self.check_cached()
+        by_bucket = {}
+        for i in sorted(self.val):
+            by_bucket.setdefault(self.buckets[i], []).append(i)
+        for b in sorted(by_bucket):
+            idx = by_bucket[b]
+            for k in range(0, len(idx), self.batch_size):
+                yield self.load([(i, False, self.texts[i][0]) for i in idx[k:k + self.batch_size]])
+
+
+class DatasetGroup:
+    """The datasets of one run (one per [[datasets]] table, or the one folder), each with its own buckets,
+    batch size and system prompt. An epoch is one epoch of every dataset: dataset k plans its batches from
+    seed + k, and the order in which the datasets take turns is drawn from (seed, epoch), so a batch never
+    mixes datasets or buckets, and one dataset alone trains exactly as that Dataset would."""
+
+    def __init__(self, datasets):
+        self.datasets = datasets
+        if not any(any(ds.repeats) for ds in datasets):
+            raise ValueError("no training images: every image is held out for validation")
+
+    def __len__(self):
+        """Training images (validation images and unused regularisation images excluded)."""
+        return sum(r > 0 for ds in self.datasets for r in ds.repeats)
+
+    def cache_latents(self, ae, **kwargs):
+        done = [ds.cache_latents(ae, **kwargs) for ds in self.datasets]
+        return sum(r for r, _ in done), sum(e for _, e in done)
+
+    def cache_text(self, text_encoder, max_length, **kwargs):
+        """Each dataset's captions under its own system prompt."""
+        done = [ds.cache_text(text_encoder, ds.system_prompt, max_length, **kwargs) for ds in self.datasets]
+        return sum(r for r, _ in done), sum(e for _, e in done)
+
+    def len_batches(self, world=1):
+        return sum(ds.len_batches(ds.batch_size * world) for ds in self.datasets)
+
+    def epoch_plan(self, seed, epoch, world=1):
+        """-> list of (dataset index, batch of that dataset's plan), every dataset's batches in its own order."""
+        plans = [ds.epoch_plan(ds.batch_size * world, seed + k, epoch) for k, ds in enumerate(self.datasets)]
+        turns = np.repeat(np.arange(len(plans)), [len(p) for p in plans])
+        turns = np.random.default_rng([seed, epoch, 4]).permutation(turns)
+        taken = [0] * len(plans)
+        out = []
+        for k in turns:
+            out.append((int(k), plans[k][taken[k]]))
+            taken[k] += 1
+        return out
+
+    def batches(self, seed, epoch, skip=0, rank=0, world=1):
+        """Yield the epoch's batches from batch `skip` on (see Dataset.batches and Dataset.load)."""
+        for ds in self.datasets:
+            ds.check_cached()
+        for k, batch in self.epoch_plan(seed, epoch, world)[skip:]:
+            yield self.datasets[k].load(batch, rank, world)
+
+    def validation_batches(self):
+        for ds in self.datasets:
+            yield from ds.validation_batches()
+
+    def has_validation(self):
+        return any(ds.val for ds in self.datasets)
+
+
+def build_datasets(subsets, variants=1, seed=0):
+    """Subset dicts (read_dataset_config, or [folder_subset(...)]) -> DatasetGroup, one Dataset per [[datasets]]."""
+    by_dataset = {}
+    for s in subsets:
+        by_dataset.setdefault(s["dataset"], []).append(s)
+    return DatasetGroup([Dataset(subsets=group, variants=variants, seed=seed) for _, group in sorted(by_dataset.items())])
 
 # -----------------------------------------------------------------------------
 # the tiny demo: random models in the three real file layouts, and a folder of coloured shapes

@@ -45,11 +45,18 @@ dit_path = "models/lumina_2_model_bf16.safetensors"  # --pretrained_model_name_o
 gemma_path = "models/gemma_2_2b_fp16.safetensors"  # --gemma2
 ae_path = "models/ae.safetensors"  # --ae
 train_data_dir = "data/images"  # dataset_config image_dir: images with same-stem .txt captions
+dataset_config = ""  # --dataset_config: an sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]); it
+# replaces train_data_dir, and the dataset constants here become the defaults under its [general]
 resolution = 1024  # dataset_config resolution: bucket area = resolution^2
 num_repeats = 1  # dataset_config num_repeats
 flip_aug = False  # dataset_config flip_aug
 caption_extension = ".txt"  # dataset_config caption_extension
 caption_dropout_rate = 0.0  # --caption_dropout_rate (works with cached text features)
+caption_variants = 8  # shuffle_caption / caption_tag_dropout_rate: variants cached per caption (K x the text cache)
+validation_split = 0.0  # --validation_split: fraction of the images held out for the validation loss
+validation_seed = 0  # --validation_seed: which images are held out
+validate_every_n_steps = 0  # --validate_every_n_steps: validation loss every n optimizer steps (0 = off)
+validation_sigmas = [0.1, 0.3, 0.5, 0.7, 0.9]  # the fixed noise levels of the validation loss
 train_batch_size = 1  # dataset_config batch_size
 output_dir = "out/lora"  # --output_dir
 output_name = "my_lumina_lora"  # --output_name
@@ -392,7 +399,9 @@ RANGES = {"learning_rate": POSITIVE, "network_dim": AT_LEAST_1, "network_alpha":
           "sample_every_n_steps": NONNEG, "sample_every_n_epochs": NONNEG, "lr_warmup_steps": NONNEG,
           "discrete_flow_shift": POSITIVE, "sigmoid_scale": POSITIVE, "gemma2_max_token_length": AT_LEAST_1,
           "sample_width": SIDE, "sample_height": SIDE, "sample_steps": AT_LEAST_1, "ema_decay": FRACTION, "ema_every": AT_LEAST_1,
-          "log_every": AT_LEAST_1, "blocks_to_swap": NONNEG}
+          "log_every": AT_LEAST_1, "blocks_to_swap": NONNEG, "caption_variants": AT_LEAST_1, "validate_every_n_steps": NONNEG,
+          "validation_split": (lambda v: 0 <= v <= 1, "in [0, 1]"), "validation_seed": (lambda v: isinstance(v, int), "an integer"),
+          "validation_sigmas": (lambda v: len(v) > 0 and all(isinstance(s, (int, float)) and 0 < s < 1 for s in v), "a list of noise levels in (0, 1)")}
 
 
 def device_problem(name, what):
@@ -435,6 +444,16 @@ def validate(c, world):
             problems.append(p)
     if not all(isinstance(p, str) for p in c.sample_prompts):
         problems.append(f"sample_prompts must be a list of strings, got {c.sample_prompts!r}")
+    splits = [c.validation_split]
+    if c.dataset_config:  # read and checked whole now: a typo in the TOML fails here, before any image is read
+        try:
+            splits = [s["validation_split"] for s in data.read_dataset_config(c.dataset_config, dataset_defaults(c))]
+        except ValueError as e:
+            problems.append(f"dataset_config: {e}".replace("\n", "\n    "))
+            splits = None
+    if splits is not None and c.validate_every_n_steps > 0 and max(splits) == 0:
+        problems.append("validate_every_n_steps needs validation images: set validation_split (here, or in the dataset_config's "
+                        "[general] or [[datasets]])")
     combos = [
         (c.fused_backward_pass and (c.train_mode != "full" or c.gradient_accumulation_steps != 1 or world > 1),
          "fused_backward_pass needs train_mode='full', gradient_accumulation_steps=1 and one process (the step runs "
@@ -461,6 +480,8 @@ def validate(c, world):
             problems.append(str(e))
     if problems:
         raise SystemExit("config errors:\n  - " + "\n  - ".join(problems))
+    if splits is not None and max(splits) > 0 and not c.validate_every_n_steps:
+        warnings.warn("validation_split holds images out of training, but validate_every_n_steps=0 never uses them")
     if c.optimizer_type == "Adafactor" and c.learning_rate < 1e-4:
         warnings.warn(f"learning_rate={c.learning_rate} with torch's Adafactor caps each step at that fraction of the "
                       "weight's RMS (about 0.02 here): sd-scripts' absolute 1e-5 corresponds to about 5e-4")
@@ -577,6 +598,14 @@ def save_samples(c, r, tag):
 # setup: caches first, then the model in one ordered setup
 
 
+def dataset_defaults(c):
+    """train.py's dataset constants under sd-scripts' key names: the whole config of train_data_dir, and the
+    layer under [general] of a dataset_config (as sd-scripts' command-line flags are)."""
+    return {"resolution": c.resolution, "batch_size": c.train_batch_size, "num_repeats": c.num_repeats,
+            "flip_aug": c.flip_aug, "caption_extension": c.caption_extension, "caption_dropout_rate": c.caption_dropout_rate,
+            "system_prompt": c.system_prompt, "validation_split": c.validation_split, "validation_seed": c.validation_seed}
+
+
 def build_caches(c, r):
     """Latents and text features, then the AE and Gemma leave the device (the AE stays in CPU RAM for samples).
     Under torchrun rank 0 writes the demo files and the disk caches first, then the other ranks read them."""
@@ -586,15 +615,16 @@ def build_caches(c, r):
         paths = data.make_demo_weights(os.path.join(c.output_dir, "weights"))  # the same files sample.py's demo uses
         c.dit_path, c.gemma_path, c.ae_path = paths["dit"], paths["gemma"], paths["ae"]
         c.train_data_dir = data.make_demo_dataset(os.path.join(c.output_dir, "demo_images"))
-    r.ds = data.Dataset(c.train_data_dir, resolution=c.resolution, repeats=c.num_repeats, flip=c.flip_aug,
-                        caption_ext=c.caption_extension)
+    subsets = (data.read_dataset_config(c.dataset_config, dataset_defaults(c)) if c.dataset_config
+               else [data.folder_subset(c.train_data_dir, **dataset_defaults(c))])
+    r.ds = data.build_datasets(subsets, variants=c.caption_variants, seed=c.seed)
     cache_dir = os.path.join(c.output_dir, "cache")
     r.ae = lumina2.load_ae(c.ae_path, dtype=torch.float32, device=c.device)  # fp32: caches carry no bf16 error (84M params)
     r.ds.cache_latents(r.ae, device=c.device, cache_dir=cache_dir if c.cache_latents_to_disk or r.world > 1 else None,
                        ae_id=data.file_id(c.ae_path))
     r.ae.to("cpu")
     te = lumina2.load_text_encoder(c.gemma_path, dtype=r.dtype, device=c.device, max_length=c.gemma2_max_token_length)
-    r.ds.cache_text(te, c.system_prompt, c.gemma2_max_token_length, te_id=data.file_id(c.gemma_path),
+    r.ds.cache_text(te, c.gemma2_max_token_length, te_id=data.file_id(c.gemma_path),  # each dataset's own system prompt
                     cache_dir=cache_dir if c.cache_text_encoder_outputs_to_disk or r.world > 1 else None)
     r.sample_cond = [te([p], c.system_prompt) for p in c.sample_prompts]
     r.sample_uncond = te([""], "") if c.sample_prompts else None
@@ -632,6 +662,31 @@ def setup_model(c, r):
     r.grad_norms = fuse_steps_into_backward(r.params, r.optimizer, c.max_grad_norm, r.ema) if c.fused_backward_pass else None
 
 
+@torch.no_grad()
+def validation_loss(c, r):
+    """The mean flow-matching loss over the validation images, each at every sigma of c.validation_sigmas with
+    its own fixed noise (seeded by its position in the validation set): a function of the weights alone, so
+    the number is comparable across steps and runs. The model runs in eval mode (LoRA dropouts off), and no
+    generator of the training is touched, so training goes on exactly as without validation. Rank 0 computes
+    it (under FSDP2 every rank runs the forward with it); the other ranks return None."""
+    if not (r.rank == 0 or r.fsdp):
+        return None
+    r.model.eval()
+    total, n, first = torch.zeros((), device=c.device), 0, 0
+    for batch in r.ds.validation_batches():
+        x0 = batch["latents"].to(c.device)  # (B, 16, h, w)
+        noise = torch.stack([torch.randn((len(c.validation_sigmas), *x0.shape[1:]), generator=torch.Generator().manual_seed(first + j))
+                             for j in range(len(x0))]).to(c.device)  # (B, S, 16, h, w)
+        for k, s in enumerate(c.validation_sigmas):
+            sigma = torch.full((len(x0),), float(s), device=c.device)
+            loss = flow_matching_loss(r.model, x0, batch["cap_feats"].to(c.device), batch["cap_mask"].to(c.device), sigma, noise[:, k])
+            total += loss * len(x0)  # the batch's mean -> its sum
+        first += len(x0)
+        n += len(x0) * len(c.validation_sigmas)
+    r.model.train()
+    return (total / n).item()
+
+
 def flush_log(c, r, pending, log, bar):
     """Turn the logged steps' device scalars into numbers with one host sync, and write them."""
     if not pending:
@@ -644,17 +699,20 @@ def flush_log(c, r, pending, log, bar):
         r.losses += v[:n]
         rec = {"step": p["step"], "epoch": p["epoch"], "loss": sum(v[:n]) / n, "lr": p["lr"], "grad_norm": v[n],
                "sigma": v[n + 1], "time": p["time"], "peak_gb": round(sample.peak_memory_gb(c.device), 3)}
+        if p.get("val_loss") is not None:
+            rec["val_loss"] = r.val_loss = p["val_loss"]
         if log:
             log.write(json.dumps(rec) + "\n")
     if log:
         log.flush()
-    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", mem=f"{rec['peak_gb']:.1f}GB")
+    val = {"val": f"{r.val_loss:.4f}"} if r.val_loss is not None else {}
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", **val, lr=f"{rec['lr']:.2e}", mem=f"{rec['peak_gb']:.1f}GB")
     pending.clear()
 
 
 def train(c):
     """c: the config namespace. Returns a dict with the losses and the paths written."""
-    r = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0, losses=[])
+    r = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0, losses=[], val_loss=None)
     world = int(os.environ.get("WORLD_SIZE", 1))
     validate(c, world)  # also sets the attention backend
     r.dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
@@ -666,14 +724,15 @@ def train(c):
 
     build_caches(c, r)
     setup_model(c, r)
-    batches_per_epoch = r.ds.len_batches(c.train_batch_size * r.world)
+    batches_per_epoch = r.ds.len_batches(r.world)
     steps_per_epoch = math.ceil(batches_per_epoch / c.gradient_accumulation_steps)
     total_steps = c.max_train_steps or c.max_train_epochs * steps_per_epoch
     schedule = lr_lambda(c.lr_scheduler, c.lr_warmup_steps, total_steps)
     r.noise_gen = torch.Generator().manual_seed(c.seed)  # noise and sigma come from here: resumable, device-independent
     if r.rank == 0:
+        sizes = "/".join(str(ds.batch_size) for ds in r.ds.datasets)
         print(f"{c.train_mode}: {sum(p.numel() for p in r.params):,} trainable params; {len(r.ds)} images, "
-              f"{batches_per_epoch} batches/epoch of {c.train_batch_size} x {r.world} process(es), {total_steps} steps")
+              f"{batches_per_epoch} batches/epoch of {sizes} x {r.world} process(es), {total_steps} steps")
     r.state_path = os.path.join(c.output_dir, f"{c.output_name}-state{f'-rank{r.rank}' if r.fsdp else ''}.pt")
     if c.resume:
         resume_from(c, r)
@@ -689,8 +748,7 @@ def train(c):
         r.optimizer.lr = c.learning_rate * schedule(r.step)
         if r.ema:
             r.ema.set_step(r.step)
-        for batch in r.ds.batches(c.train_batch_size, c.seed, r.epoch, c.caption_dropout_rate, skip=r.batch_in_epoch,
-                                  rank=r.rank, world=r.world):
+        for batch in r.ds.batches(c.seed, r.epoch, skip=r.batch_in_epoch, rank=r.rank, world=r.world):
             # noise and sigma are drawn for the whole global batch on every rank and cut to this rank's share,
             # so N processes see exactly the draws one process with the combined batch would
             n, lo, hi = batch["global_size"], batch["start"], batch["start"] + len(batch["latents"])
@@ -726,6 +784,8 @@ def train(c):
                             "stats": torch.stack([grad_norm.float(), torch.stack(sigmas).mean().to(grad_norm.device)]),
                             "time": round(time.time() - t0, 3)})
             bar.update(1)
+            if c.validate_every_n_steps and r.step % c.validate_every_n_steps == 0:
+                pending[-1]["val_loss"] = validation_loss(c, r)
             if r.step % c.log_every == 0 or r.step == total_steps:
                 flush_log(c, r, pending, log, bar)
             micro, micro_losses, sigmas = 0, [], []
