@@ -14,6 +14,7 @@ Under torchrun, DDP (LoRA or full) or FSDP2 (full) takes over; one process is th
     python train.py config/lora_1024.py --train_data_dir=my_images --output_name=my_lora
     python train.py config/full_1024.py --train_data_dir=my_images     # full fine-tune, Adafactor, fused backward
     python train.py config/demo.py --resume=True          # continue from the last saved state
+    python train.py config/lora_1024.py --dataset_config=my_lumina_dataset_config.toml --validate_every_n_steps=100
     torchrun --nproc_per_node=8 train.py config/lora_1024.py --train_data_dir=my_images   # DDP, bs 1 per GPU
 """
 import contextlib
