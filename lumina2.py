@@ -139,11 +139,7 @@ def attention_mask(keys, max_len, dtype):
     sync), dtype the compute dtype -> AttentionMask with only the fields ATTENTION needs. The varlen backends
     pay one host sync here (nonzero); sdpa and math none."""
     if ATTENTION == "sdpa":
-        # rows stored 8 elements apart at least: the memory-efficient kernel needs an aligned bias row stride, which
-        # eager SDPA pads for but a compiled graph may hand over as it is ("attn_bias is not correctly aligned")
-        B, S = keys.shape
-        bias = torch.zeros(B, S + (-S) % 8, dtype=dtype, device=keys.device)[:, :S]
-        bias.masked_fill_(~keys, float("-inf"))  # in place: keeps the padded row stride
+        bias = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill(~keys, float("-inf"))
         return AttentionMask(ATTENTION, keys, bias=bias[:, None, None, :])
     if ATTENTION in ("flash", "sage"):
         cu_seqlens = F.pad(keys.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))

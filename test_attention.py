@@ -234,7 +234,6 @@ def test_sdpa_routes_match_math(dtype, guard, monkeypatch):
     keys = key_mask([11, 4, 8])
     mask = lumina2.attention_mask(keys, 11, dtype)
     assert mask.indices is None and mask.bias.shape == (3, 1, 1, 11) and mask.bias.dtype == dtype
-    assert mask.bias.stride(0) % 8 == 0  # the memory-efficient kernel's alignment, whatever the caption length
     masked = rel_err(lumina2.attention(q, k, v, mask), lumina2.math_attention(q, k, v, keys))
     unmasked = rel_err(lumina2.attention(q, k, v, None), lumina2.math_attention(q, k, v, None))
     print(f"sdpa vs math, {dtype}, guard {guard}: masked rel err {masked:.2e}, unmasked {unmasked:.2e}")
