@@ -3,7 +3,6 @@ bench.py: its analytic FLOP count against torch's FlopCounterMode, and the GPU c
 one command a GPU run executes cannot rot between GPU runs.
 """
 import json
-import os
 
 import pytest
 import torch

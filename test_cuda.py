@@ -48,7 +48,8 @@ import lora
 import lumina2
 import memory
 import sample
-from testutil import full_width_config, perturb_norms, ragged_batch, rel_err
+from testutil import (assert_same_training, batch, full_width_config, loss_of, perturb_norms, ragged_batch, rel_err,
+                      tiny_lora_model, train_lora)
 
 # under torch.use_deterministic_algorithms (the swap test) torch wants cuBLAS on a fixed workspace, named by this
 # variable, and warns at every matmul without it; it reads the variable once, at the process's first cuBLAS call,
@@ -58,7 +59,6 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]  # a CPU twin and its CUDA test
 
-TINY = dict(lumina2.DIT_PRESETS["tiny"], n_layers=5)  # 5 main layers: 3 swapped through 2 slots rotate
 DIT_BOUND, GEMMA_BOUND, AE_BOUND, FP8_BOUND, CFG_BOUND = 2e-2, 4e-2, 1e-1, 0.05, 6e-2
 
 
@@ -101,50 +101,6 @@ def deterministic():
 
 # -----------------------------------------------------------------------------
 # models, batches and a training loop (built on the CPU, then placed, as the scripts do)
-
-
-def tiny_lora_model(seed=0, dtype=torch.float32, **overrides):
-    torch.manual_seed(seed)
-    model = perturb_norms(lumina2.NextDiT(**dict(TINY, **overrides)), seed).to(dtype)
-    lora.inject(model, rank=4)
-    with torch.no_grad():  # lora_up starts at zero; a random pair gives every LoRA weight a gradient at step 1
-        for m in lora.lora_modules(model).values():
-            m.lora_up.weight.normal_(0, 0.02)
-    return model
-
-
-def batch(seed=0, L=7, lens=(7, 4), hw=(8, 8), device="cpu"):
-    """(x (2, 16, h, w), t (2,), caption features (2, L, 64), mask (2, L)), drawn on the CPU and then moved."""
-    g = torch.Generator().manual_seed(seed)
-    b = (torch.randn(2, 16, *hw, generator=g), torch.rand(2, generator=g), torch.randn(2, L, 64, generator=g),
-         torch.arange(L)[None] < torch.tensor(lens)[:, None])
-    return tuple(t.to(device) for t in b)
-
-
-def loss_of(model, b):
-    x, t, cap, mask = b
-    return (model(x, t, cap, mask) - x).square().mean()  # any scalar that reaches every weight does
-
-
-def train(model, device, steps=3, lr=1e-2):
-    """steps AdamW steps on the LoRA, a new batch each -> ([(loss, grads)] per step, LoRA weights after)."""
-    params = lora.lora_parameters(model)
-    opt = torch.optim.AdamW(params, lr=lr)
-    history = []
-    for step in range(steps):
-        loss = loss_of(model, batch(step, device=device))
-        loss.backward()
-        history.append((loss.detach(), [p.grad.clone() for p in params]))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return history, [p.detach().clone() for p in params]
-
-
-def assert_same_training(a, b):
-    for (loss_a, grads_a), (loss_b, grads_b) in zip(a[0], b[0]):
-        assert torch.equal(loss_a, loss_b)
-        assert all(torch.equal(g, h) for g, h in zip(grads_a, grads_b))
-    assert all(torch.equal(p, q) for p, q in zip(a[1], b[1]))
 
 
 def assert_swap_ran_right(swap, steps=3):
@@ -261,7 +217,7 @@ def test_cuda_swap_training_is_bit_identical(checkpointing):
     assert all(p.is_cuda for p in model.parameters() if p.requires_grad) and model.x_embedder.weight.is_cuda
     hook = hold_back(model, swap)
     with deterministic():
-        assert_same_training(train(ref, "cuda"), train(model, "cuda"))
+        assert_same_training(train_lora(ref, device="cuda"), train_lora(model, device="cuda"))
     hook.remove()
     assert_swap_ran_right(swap)
 
@@ -418,8 +374,8 @@ def test_swap_stream_protocol_on_a_fake_cuda(checkpointing, monkeypatch):
     swap, fake = fake_cuda_swap(model, 3, monkeypatch)
     assert swap.cuda and fake.pinned == sum(len(hs) for hs in swap.host)
     with SlotAccesses(fake, swap):
-        swapped = train(model, "cpu", steps=2)  # the first fill, then the steady rotation
-    assert_same_training(train(ref, "cpu", steps=2), swapped)  # with the CUDA branches on, still bit-identical
+        swapped = train_lora(model, steps=2)  # the first fill, then the steady rotation
+    assert_same_training(train_lora(ref, steps=2), swapped)  # with the CUDA branches on, still bit-identical
     assert_swap_ran_right(swap, steps=2)
 
     log = fake.log

@@ -20,14 +20,6 @@ import lumina2
 SYS = lumina2.SYSTEM_PROMPTS["base"]
 
 
-@pytest.fixture
-def ae(weights):
-    return lumina2.load_ae(weights["ae"], dtype=torch.float32)
-
-
-@pytest.fixture
-def te(weights):
-    return lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
 
 
 @pytest.fixture

@@ -44,14 +44,6 @@ def folder(path, n=0, size=64, captions=True):
     return str(path)
 
 
-@pytest.fixture
-def ae(weights):
-    return lumina2.load_ae(weights["ae"], dtype=torch.float32)
-
-
-@pytest.fixture
-def te(weights):
-    return lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
 
 
 def jsonl(path):

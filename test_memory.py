@@ -22,55 +22,13 @@ import data
 import lora
 import lumina2
 import memory
-from testutil import full_width_config, perturb_norms, ragged_batch, run_sample
+from testutil import (TINY, assert_same_training, batch, full_width_config, loss_of, perturb_norms, ragged_batch,
+                      run_sample, tiny_lora_model, train_lora)
 
-TINY = dict(lumina2.DIT_PRESETS["tiny"], n_layers=5)  # 5 main layers: 3 swapped through 2 slots rotate
 
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def tiny_lora_model(seed=0, dtype=torch.float32, embedder_dims=None, **overrides):
-    torch.manual_seed(seed)
-    model = perturb_norms(lumina2.NextDiT(**dict(TINY, **overrides)), seed).to(dtype)
-    lora.inject(model, rank=4, embedder_dims=embedder_dims)
-    with torch.no_grad():  # lora_up starts at zero; a random pair gives every LoRA weight a gradient at step 1
-        for m in lora.lora_modules(model).values():
-            m.lora_up.weight.normal_(0, 0.02)
-    return model
-
-
-def batch(seed=0, L=7, lens=(7, 4), hw=(8, 8)):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 16, *hw, generator=g), torch.rand(2, generator=g), torch.randn(2, L, 64, generator=g),
-            torch.arange(L)[None] < torch.tensor(lens)[:, None])
-
-
-def loss_of(model, b):
-    x, t, cap, mask = b
-    return (model(x, t, cap, mask) - x).square().mean()  # any scalar that reaches every weight does
-
-
-def train(model, steps=3, lr=1e-2):
-    """steps AdamW steps on the LoRA, a new batch each -> ([(loss, grads)] per step, LoRA weights after)."""
-    params = lora.lora_parameters(model)
-    opt = torch.optim.AdamW(params, lr=lr)
-    history = []
-    for step in range(steps):
-        loss = loss_of(model, batch(step))
-        loss.backward()
-        history.append((loss.detach(), [p.grad.clone() for p in params]))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return history, [p.detach().clone() for p in params]
-
-
-def assert_same_training(a, b):
-    for (loss_a, grads_a), (loss_b, grads_b) in zip(a[0], b[0]):
-        assert torch.equal(loss_a, loss_b)
-        assert all(torch.equal(g, h) for g, h in zip(grads_a, grads_b))
-    assert all(torch.equal(p, q) for p, q in zip(a[1], b[1]))
 
 
 def block_call(model, block, b=None):
@@ -115,7 +73,7 @@ def test_swap_training_is_bit_identical(checkpointing):
         memory.enable_checkpointing(model)
     swap = memory.swap_blocks(model, 3, "cpu")
     host_before = [[h.clone() for h in hs] for hs in swap.host]
-    assert_same_training(train(ref), train(model))
+    assert_same_training(train_lora(ref), train_lora(model))
 
     assert all(torch.equal(h, h0) for hs, hs0 in zip(swap.host, host_before) for h, h0 in zip(hs, hs0))  # never written
     assert [layer for phase, layer, _ in swap.ran_with if phase == "forward"] == [2, 3, 4] * 3
@@ -365,7 +323,7 @@ def test_fp8_with_swap_is_bit_identical_to_fp8_alone():
     memory.quantize_fp8(ref)
     memory.quantize_fp8(model)
     swap = memory.swap_blocks(model, 3, "cpu")
-    assert_same_training(train(ref), train(model))
+    assert_same_training(train_lora(ref), train_lora(model))
     assert {t.dtype for t in swap.slots[0]} >= {memory.FP8}  # the slots hold (and the copies move) fp8 bytes
     # the transfer against a bf16 base: 1 byte per weight, plus the scales and the bf16 norms and biases
     bf16 = [tiny_lora_model(dtype=torch.bfloat16) for _ in range(2)]
@@ -518,7 +476,7 @@ def test_prepare_is_the_transforms_in_order():
     out = memory.prepare(model, "cpu", fp8=True, checkpointing=True, blocks_to_swap=2)
     assert out is model and model.block_swap.n_slots == 2
     assert {t.dtype for t in model.block_swap.host[0]} >= {memory.FP8}  # quantised before the swap sized its slots
-    assert_same_training(train(manual, steps=2), train(model, steps=2))
+    assert_same_training(train_lora(manual, steps=2), train_lora(model, steps=2))
     fresh = tiny_lora_model()
     scales = {k for k in model.state_dict() if k.endswith(".scale_weight")}
     assert set(model.state_dict()) == set(fresh.state_dict()) | scales  # same keys, plus one scale per fp8 weight

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import lora
 import lumina2
 import sample
 import train
@@ -73,6 +74,56 @@ def full_width_config():
     """2304 wide with 24/8 heads (the width diffusers' converter hard-codes), one layer each, a 64-wide FFN."""
     return dict(lumina2.DIT_PRESETS["2b"], n_layers=1, n_refiner_layers=1, multiple_of=64,
                 ffn_dim_multiplier=64 / (4 * 2304), cap_feat_dim=32)
+
+
+# -----------------------------------------------------------------------------
+# a tiny LoRA model and its training, for the memory tests (test_memory.py on CPU, test_cuda.py on CUDA)
+
+TINY = dict(lumina2.DIT_PRESETS["tiny"], n_layers=5)  # 5 main layers: 3 swapped through 2 slots rotate
+
+
+def tiny_lora_model(seed=0, dtype=torch.float32, embedder_dims=None, **overrides):
+    torch.manual_seed(seed)
+    model = perturb_norms(lumina2.NextDiT(**dict(TINY, **overrides)), seed).to(dtype)
+    lora.inject(model, rank=4, embedder_dims=embedder_dims)
+    with torch.no_grad():  # lora_up starts at zero; a random pair gives every LoRA weight a gradient at step 1
+        for m in lora.lora_modules(model).values():
+            m.lora_up.weight.normal_(0, 0.02)
+    return model
+
+
+def batch(seed=0, L=7, lens=(7, 4), hw=(8, 8), device="cpu"):
+    """(x (2, 16, h, w), t (2,), caption features (2, L, 64), mask (2, L)), drawn on the CPU and then moved."""
+    g = torch.Generator().manual_seed(seed)
+    b = (torch.randn(2, 16, *hw, generator=g), torch.rand(2, generator=g), torch.randn(2, L, 64, generator=g),
+         torch.arange(L)[None] < torch.tensor(lens)[:, None])
+    return tuple(t.to(device) for t in b)
+
+
+def loss_of(model, b):
+    x, t, cap, mask = b
+    return (model(x, t, cap, mask) - x).square().mean()  # any scalar that reaches every weight does
+
+
+def train_lora(model, steps=3, lr=1e-2, device="cpu"):
+    """steps AdamW steps on the LoRA, a new batch each -> ([(loss, grads)] per step, LoRA weights after)."""
+    params = lora.lora_parameters(model)
+    opt = torch.optim.AdamW(params, lr=lr)
+    history = []
+    for step in range(steps):
+        loss = loss_of(model, batch(step, device=device))
+        loss.backward()
+        history.append((loss.detach(), [p.grad.clone() for p in params]))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return history, [p.detach().clone() for p in params]
+
+
+def assert_same_training(a, b):
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(a[0], b[0]):
+        assert torch.equal(loss_a, loss_b)
+        assert all(torch.equal(g, h) for g, h in zip(grads_a, grads_b))
+    assert all(torch.equal(p, q) for p, q in zip(a[1], b[1]))
 
 
 # -----------------------------------------------------------------------------
