@@ -255,13 +255,13 @@ def test_full_model_file_loads_in_our_loader_and_diffusers(weights, tmp_path):
 # torchrun: 2 processes (gloo, CPU) against 1 process with the combined batch
 
 
-def torchrun(args, nproc=2, fresh=None):
+def torchrun(args, nproc=2, fresh=None, script="train.py"):
     """Launch train.py on nproc gloo processes. Training is deterministic, so a bug fails every launch; a
     launch that fails is retried once (after emptying `fresh`, the run's output folder, when given) with
     its output shown as a warning: one in about twenty full-suite runs here lost a launch to the launcher
     or the transport, not to train.py."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     for attempt in (1, 2):
         res = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
         if res.returncode == 0:
@@ -319,6 +319,43 @@ def test_two_processes_equal_one_with_the_combined_batch(weights, tmp_path, mode
         assert all(((e1[k].float() - e2[k].float()).abs() <= e1[k].float().abs() * 2 ** -7).all() for k in e1)
     assert files == sorted(want), files
     assert sorted(os.listdir(two / "samples")) == ["t-final.png"]
+
+
+# train.py under torchrun with two spies: FSDP2's reduce-scatter (one foreach_reduce per sharded unit per
+# backward that syncs) and train.full_state_dict (what each rank holds when the weights are gathered for a save)
+FSDP_SPY = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+import train
+reduces, gathered = [], []
+real_reduce, real_gather = _fsdp_param_group.foreach_reduce, train.full_state_dict
+_fsdp_param_group.foreach_reduce = lambda *a, **k: reduces.append(1) or real_reduce(*a, **k)
+train.full_state_dict = lambda *a: (lambda sd: gathered.append(len(sd)) or sd)(real_gather(*a))
+out = train.main(sys.argv[1:])
+units = sum(isinstance(m, FSDPModule) for m in out["model"].modules())
+with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(dict(reduces=len(reduces), units=units, gathered=gathered), f)
+"""
+
+
+def test_fsdp_reduces_once_per_step_and_gathers_to_rank_0(weights, tmp_path):
+    """Accumulation 2 over 3 optimizer steps: gradients are reduce-scattered at the last micro-step of each
+    step only (3 x the sharded units, not 6 x), and a save gathers the whole model on rank 0 alone."""
+    spy = tmp_path / "spy.py"
+    spy.write_text(FSDP_SPY.format(here=HERE, out=str(tmp_path)))
+    folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
+    torchrun(cli_args(weights) + [f"--train_data_dir={folder}", "--train_mode=full", "--parallel=fsdp", "--resolution=64",
+                                  "--train_batch_size=1", "--gradient_accumulation_steps=2", "--max_train_steps=3",
+                                  f"--output_dir={tmp_path / 'out'}"], fresh=tmp_path / "out", script=str(spy))
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    print(f"\nFSDP2, 3 steps x 2 micro-steps: {[(r['reduces'], r['units']) for r in ranks]} (reduces, sharded units) per rank; "
+          f"gathered tensors per save: rank 0 {ranks[0]['gathered']}, rank 1 {ranks[1]['gathered']}")
+    for r in ranks:
+        assert r["units"] > 1 and r["reduces"] == 3 * r["units"]
+    assert ranks[0]["gathered"] and all(n > 0 for n in ranks[0]["gathered"])
+    assert len(ranks[1]["gathered"]) == len(ranks[0]["gathered"]) and set(ranks[1]["gathered"]) == {0}  # nothing held
 
 
 def test_bench_runs_every_case(tmp_path):
