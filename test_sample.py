@@ -138,8 +138,8 @@ def test_truncated_renormed_cfg_matches_official_rules(dit, solver):
     assert (always - ours).abs().max() > 1e-3  # truncation did something
 
 
-def test_cfg_batches_cond_and_uncond_and_skips_uncond_when_truncated(dit):
-    calls = []
+def test_cfg_batches_cond_and_uncond_and_skips_uncond_when_truncated(dit, monkeypatch):
+    calls, stack = [], sample.stack_captions
 
     def counting(x, t, feats, mask):
         calls.append(x.shape[0])
@@ -149,6 +149,10 @@ def test_cfg_batches_cond_and_uncond_and_skips_uncond_when_truncated(dit):
     cond, uncond = random_captions(1, 5, [5], seed=1), random_captions(1, 1, [1], seed=2)
     sample.sample(counting, noise, cond, uncond, steps=6, cfg=3.0, cfg_trunc=0.3, renorm=0.0, progress=False)
     assert calls == [4] * 5 + [2]  # one batch of 2B while guided, B alone once truncated
+    stacked = []
+    monkeypatch.setattr(sample, "stack_captions", lambda *a: stacked.append(1) or stack(*a))
+    sample.sample(counting, noise, cond, uncond, steps=6, cfg=3.0, renorm=0.0, progress=False)
+    assert len(stacked) == 1  # the cond + uncond caption batch is built once per image batch, not per step
     calls.clear()
     sample.sample(counting, noise, cond, uncond, steps=3, cfg=1.0, progress=False)
     assert calls == [2] * 3  # cfg 1 needs no unconditional pass
