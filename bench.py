@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -446,10 +447,7 @@ def main(argv=None):
     if c.check:
         result["tests"] = tests
         result["ok"] = tests["rc"] == 0 and not any("error" in r for r in rows)
-    tmp = c.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, c.out)
+    lumina2.atomic_write(c.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     if c.check:
         md = os.path.join(os.path.dirname(c.out), "bench.md")
         with open(md, "w") as f:

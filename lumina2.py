@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import uuid
 import warnings
 from typing import NamedTuple
 
@@ -643,13 +644,44 @@ GEMMA_PREFIXES = ("model.", "text_encoders.gemma2_2b.transformer.model.", "")
 SPIECE_KEYS = ("spiece_model", "text_encoders.spiece_model")
 
 
-def save_file_atomic(tensors, path, metadata=None):
-    """safetensors save through a temp file + rename, so an interrupted write never leaves a broken file."""
-    from safetensors.torch import save_file
+class BadInput(ValueError):
+    """A problem with something the user brought (a weight file, an image, a caption, a value), with a message
+    that names it and says what to do. train.py and sample.py print it as one line; any other exception keeps
+    its traceback, since that one is a bug."""
+
+
+class WriteFailed(OSError):
+    """A file could not be written (full disk, read-only folder, permissions); the file it was to replace,
+    if any, is unchanged."""
+
+
+def atomic_write(path, write):
+    """write(tmp) into a temp file beside `path`, then rename it over `path`: a kill, a full disk or an error
+    mid-write leaves the previous file as it was and no partial temp file behind. The temp name is unique
+    per process and call (two runs never share one), and the file gets the user's normal permissions (the
+    umask), not the 0600 some writers use, so that another user's ComfyUI can read a LoRA."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WriteFailed(f"could not write {path} ({reason}); the file it was to replace, if any, is unchanged") from e
+        raise
+
+
+def save_file_atomic(tensors, path, metadata=None):
+    """safetensors save through atomic_write."""
+    from safetensors.torch import save_file
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def open_safetensors(path):

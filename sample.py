@@ -149,9 +149,7 @@ def save_png(img, path, info):
     """Write img with a tEXt chunk "parameters" = JSON of info, through a temp file + rename."""
     meta = PngInfo()
     meta.add_text("parameters", json.dumps(info))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img.save(path + ".tmp", format="PNG", pnginfo=meta)
-    os.replace(path + ".tmp", path)
+    lumina2.atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=meta))
 
 
 def save_grid(images, path, info=None):

@@ -493,9 +493,7 @@ def validate(c, world):
 
 
 def save_atomic(obj, path):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous file intact
+    lumina2.atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a kill mid-save leaves the previous file intact
 
 
 def load_state(path):
