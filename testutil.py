@@ -184,13 +184,13 @@ def flipped_target_loss(model, x0, cap_feats, cap_mask, sigma, noise):
 
 def killed_then_resumed(weights, tmp_path, monkeypatch, args):
     """Run, killed right after its first state file is written (the step-3 checkpoint), then resume it."""
-    saved = train.save_atomic
+    saved = train.save_state
 
     def save_then_die(obj, path):
         saved(obj, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_atomic", save_then_die)
+    monkeypatch.setattr(train, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(weights, tmp_path, *args)
     monkeypatch.undo()

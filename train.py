@@ -23,8 +23,11 @@ import json
 import math
 import os
 import random
+import re
+import socket
 import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -88,6 +91,8 @@ max_train_epochs = 10  # --max_train_epochs
 max_train_steps = 0  # --max_train_steps (optimizer steps; 0 = from epochs)
 save_every_n_epochs = 1  # --save_every_n_epochs (0 = off)
 save_every_n_steps = 0  # --save_every_n_steps (0 = off)
+save_last_n_steps = 0  # --save_last_n_steps: keep the step checkpoints of the last n steps only (0 = keep all)
+save_last_n_epochs = 0  # --save_last_n_epochs: keep the last n epoch checkpoints only (0 = keep all)
 mixed_precision = "bf16"  # --mixed_precision: bf16 | no (fp32 everywhere)
 gradient_checkpointing = True  # --gradient_checkpointing
 gradient_accumulation_steps = 1  # --gradient_accumulation_steps
@@ -103,7 +108,9 @@ sample_height = 1024
 sample_steps = 30
 sample_cfg = 4.0
 sample_seed = 0
-resume = False  # continue from output_dir/output_name-state.pt
+resume = False  # continue from output_dir/output_name-state.pt (or the previous state, if that one is damaged)
+overwrite = False  # a new run (resume=False) into an output_dir holding this output_name's state or log is refused
+# unless this is True: then that state and log are removed and the checkpoints are replaced as the run saves
 device = "cuda" if torch.cuda.is_available() else "cpu"
 attention = "sdpa"  # sdpa | flash | math (lumina2.set_attention; sd-scripts --use_flash_attn); sage samples only
 blocks_to_swap = 0  # --blocks_to_swap: this many of the 26 main layers wait in CPU RAM and stream to the device
@@ -400,7 +407,7 @@ RANGES = {"learning_rate": POSITIVE, "network_dim": AT_LEAST_1, "network_alpha":
           "sample_every_n_steps": NONNEG, "sample_every_n_epochs": NONNEG, "lr_warmup_steps": NONNEG,
           "discrete_flow_shift": POSITIVE, "sigmoid_scale": POSITIVE, "gemma2_max_token_length": AT_LEAST_1,
           "sample_width": SIDE, "sample_height": SIDE, "sample_steps": AT_LEAST_1, "ema_decay": FRACTION, "ema_every": AT_LEAST_1,
-          "log_every": AT_LEAST_1, "blocks_to_swap": NONNEG, "caption_variants": AT_LEAST_1, "validate_every_n_steps": NONNEG,
+          "log_every": AT_LEAST_1, "save_last_n_steps": NONNEG, "save_last_n_epochs": NONNEG, "blocks_to_swap": NONNEG, "caption_variants": AT_LEAST_1, "validate_every_n_steps": NONNEG,
           "validation_split": (lambda v: 0 <= v <= 1, "in [0, 1]"), "validation_seed": (lambda v: isinstance(v, int), "an integer"),
           "validation_sigmas": (lambda v: len(v) > 0 and all(isinstance(s, (int, float)) and 0 < s < 1 for s in v), "a list of noise levels in (0, 1)")}
 
@@ -492,19 +499,35 @@ def validate(c, world):
 # the training state: tensors and plain values only, so it loads with weights_only=True
 
 
-def save_atomic(obj, path):
-    lumina2.atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a kill mid-save leaves the previous file intact
+def previous_state(path):
+    return path[: -len(".pt")] + "-prev.pt"  # t-state.pt -> t-state-prev.pt
 
 
-def load_state(path):
+def save_state(obj, path):
+    """Write the state through a temp file; only once it is complete does the current state become the
+    previous one (-prev.pt) and the new one take its name. A kill or a full disk at any moment leaves at least
+    one complete state: the current one, or (killed between the two renames) the previous one."""
+    def write(tmp):
+        torch.save(obj, tmp)
+        if os.path.exists(path):
+            os.replace(path, previous_state(path))
+    lumina2.atomic_write(path, write)
+
+
+def load_state(path, mmap=False):
     """A state file -> dict. Loaded with weights_only=True: a file that carries pickled Python objects (which
-    could run code when loaded) is refused with a message, not executed."""
+    could run code when loaded) is refused, not executed. Raises BadInput saying which of the two it is."""
     import pickle
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise SystemExit(f"{path} holds pickled Python objects besides tensors and plain values, so it is not loaded "
-                         f"(unpickling could run code). train.py never writes such a file: was it replaced? ({str(e).splitlines()[0]})") from None
+        if "GLOBAL" in str(e):
+            raise lumina2.BadInput(f"{path} holds pickled Python objects besides tensors and plain values, so it is not "
+                                   "loaded (unpickling could run code). train.py never writes such a file: was it replaced?") from None
+        raise lumina2.BadInput(f"{path} is damaged ({os.path.getsize(path):,} bytes that are not a state file)") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated, zero bytes, torn zip directory
+        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else "empty or cut short"
+        raise lumina2.BadInput(f"{path} is damaged ({os.path.getsize(path):,} bytes; {reason})") from None
 
 
 def rng_state(device):
@@ -519,19 +542,71 @@ def set_rng_state(s, device, same_device):
         torch.cuda.set_rng_state(s["cuda"], device)
 
 
+# what a resumed run must share with the saved one: each of these changes the maths of the saved tensors (their
+# shapes, scale, dtype or optimizer state), so a resume with another value would train something else silently
+MATH_KEYS = ("train_mode", "network_dim", "network_alpha", "attn_dim", "mlp_dim", "mod_dim", "refiner_dim", "embedder_dims",
+             "mixed_precision", "fp8_base", "optimizer_type", "bf16_update", "ema_decay")
+
+
+def read_resume_state(c, r):
+    """The newest state that loads: the state file, else the previous one (the state is damaged, or a kill
+    between save_state's two renames left only the previous one), with a message. Memory-mapped, so that
+    reading it before the caching costs no RAM. -> (state, its path)."""
+    tried = []
+    for path in (r.state_path, previous_state(r.state_path)):
+        if not os.path.exists(path):
+            continue
+        try:
+            st = load_state(path, mmap=True)
+        except lumina2.BadInput as e:
+            tried.append(str(e))
+            continue
+        if tried:
+            print(f"{tried[0]}; resuming from the previous state {path} (step {st['step']}) instead")
+        return st, path
+    if not tried:
+        raise lumina2.BadInput(f"resume=True but there is no training state at {r.state_path}")
+    raise lumina2.BadInput("resume=True but no training state loads: " + "; ".join(tried))
+
+
+def check_settings(st, path, c, r):
+    """The saved run and this one must agree on everything the saved tensors depend on: each difference named."""
+    if st["world_size"] != r.world:  # the data position counts global batches of train_batch_size x world
+        raise lumina2.BadInput(f"{path} was saved by {st['world_size']} process(es); resume with the same number, not {r.world}")
+    saved = st["config"]
+    changed = [f"{k}={saved.get(k)!r} there, {getattr(c, k)!r} now" for k in MATH_KEYS if saved.get(k) != getattr(c, k)]
+    if changed:
+        raise lumina2.BadInput(f"{path} was trained with other settings, and resuming would change what its tensors mean: "
+                               f"{'; '.join(changed)}. Resume with the saved values, or start a new run (another output_name, "
+                               "or --overwrite=True)")
+
+
+def check_shapes(st, path, c, r):
+    mine = [tuple(local(p).shape) for p in r.params]
+    theirs = [tuple(t.shape) for t in st["params"]]
+    if mine != theirs:  # e.g. another base model: the tensors are paired by position, so they must match one to one
+        bad = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        raise lumina2.BadInput(f"{path} holds {len(theirs)} trained tensors, this run has {len(mine)}; the first difference is "
+                               f"tensor {bad}: {theirs[bad] if bad < len(theirs) else 'none'} saved, {mine[bad] if bad < len(mine) else 'none'} now "
+                               f"(another base model file, dit_path={c.dit_path!r}?)")
+
+
 def resume_from(c, r):
     """Load the state into the run r (weights, optimizer, EMA, generators, data position). A state saved on
     another device type resumes with its device generators re-seeded (with a warning): their states do not
     transfer between CPU and CUDA."""
-    if not os.path.exists(r.state_path):
-        raise SystemExit(f"resume=True but there is no training state at {r.state_path}")
-    st = load_state(r.state_path)
-    if st["world_size"] != r.world:  # the data position counts global batches of train_batch_size x world
-        raise SystemExit(f"{r.state_path} was saved by {st['world_size']} process(es); resume with the same number, not {r.world}")
+    st, path = r.resume_state  # read and checked by check_output_dir
+    check_shapes(st, path, c, r)
+    if r.world > 1:  # every process must resume the same step (under FSDP2 each read its own state file)
+        steps = torch.tensor([st["step"], -st["step"]], device=c.device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            raise lumina2.BadInput(f"the processes' states are at different steps ({-steps[1].item()} to {steps[0].item()}): "
+                                   "a damaged state file fell back on some ranks only; resume from a consistent set")
     here = torch.device(c.device).type
     same = st.get("device", "cpu") == here
     if not same:
-        warnings.warn(f"{r.state_path} was saved on {st['device']}, resuming on {here}: the stochastic-rounding and "
+        warnings.warn(f"{path} was saved on {st['device']}, resuming on {here}: the stochastic-rounding and "
                       f"{st['device']} random generators are re-seeded, so the run goes on but is not bit-identical to an uninterrupted one")
     with torch.no_grad():
         for p, saved in zip(r.params, st["params"]):
@@ -542,7 +617,10 @@ def resume_from(c, r):
     r.noise_gen.set_state(st["noise_gen"])  # a CPU generator on every device: noise and sigma resume exactly
     set_rng_state(st["rng"], c.device, same)
     r.step, r.epoch, r.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
-    print(f"resumed from {r.state_path} at step {r.step} (epoch {r.epoch}, batch {r.batch_in_epoch})")
+    r.last_saved = path
+    if r.rank == 0:
+        cut_log(r.log_path, r.step)
+    print(f"resumed from {path} at step {r.step} (epoch {r.epoch}, batch {r.batch_in_epoch})")
 
 
 def save_weights(c, r, path, meta):
@@ -556,27 +634,38 @@ def save_weights(c, r, path, meta):
 
 
 def save_checkpoint(c, r, tag):
-    """The weights (and the EMA's) as safetensors, then the state to resume from. Returns the weights' path."""
+    """The weights (and the EMA's) as safetensors, then the state to resume from, then the pruning of older
+    checkpoints. Nothing is written unless every logged loss and every trained tensor is finite, and a failed
+    write stops the run saying which complete checkpoint is left. Returns the weights' path."""
+    flush_log(c, r)  # the divergence check of every step up to here
+    check_finite_weights(c, r)
     path = os.path.join(c.output_dir, f"{c.output_name}{tag}.safetensors")
     meta = {"ss_learning_rate": str(c.learning_rate), "ss_training_step": str(r.step), "ss_epoch": str(r.epoch),
             "ss_timestep_sampling": c.timestep_sampling, "ss_system_prompt": c.system_prompt,
             "ss_max_token_length": str(c.gemma2_max_token_length), "ss_seed": str(c.seed),
             "ss_mixed_precision": c.mixed_precision, "ss_num_train_images": str(len(r.ds)),
             "ss_optimizer": c.optimizer_type, "ss_train_mode": c.train_mode}
-    save_weights(c, r, path, meta)
-    if r.ema:
-        with r.ema.swapped_in():
-            save_weights(c, r, path.replace(".safetensors", "-ema.safetensors"), {**meta, "ss_ema_decay": str(c.ema_decay)})
-    if r.rank == 0 or r.fsdp:
-        save_atomic({"params": [local(p).detach().cpu() for p in r.params], "optimizer": r.optimizer.state_dict(),
-                     "ema": [e.cpu() for e in r.ema.shadow] if r.ema else None, "noise_gen": r.noise_gen.get_state(),
-                     "rng": rng_state(c.device), "device": torch.device(c.device).type, "step": r.step, "epoch": r.epoch,
-                     "batch_in_epoch": r.batch_in_epoch, "world_size": r.world, "config": vars(c)}, r.state_path)
+    try:
+        save_weights(c, r, path, meta)
+        if r.ema:
+            with r.ema.swapped_in():
+                save_weights(c, r, path.replace(".safetensors", "-ema.safetensors"), {**meta, "ss_ema_decay": str(c.ema_decay)})
+        if r.rank == 0 or r.fsdp:
+            save_state({"params": [local(p).detach().cpu() for p in r.params], "optimizer": r.optimizer.state_dict(),
+                        "ema": [e.cpu() for e in r.ema.shadow] if r.ema else None, "noise_gen": r.noise_gen.get_state(),
+                        "rng": rng_state(c.device), "device": torch.device(c.device).type, "step": r.step, "epoch": r.epoch,
+                        "batch_in_epoch": r.batch_in_epoch, "world_size": r.world, "config": vars(c)}, r.state_path)
+    except lumina2.WriteFailed as e:
+        raise stopped_writing(c, r, e) from None
+    r.last_saved = path
+    if r.rank == 0:
+        prune_checkpoints(c, r)
     return path
 
 
 def save_samples(c, r, tag):
     """Rank 0 samples and writes the grid; under FSDP2 every rank runs the forward with it (a collective)."""
+    flush_log(c, r)  # no samples from a diverged model
     if not (r.rank == 0 or r.fsdp):
         return None
     r.model.eval()
@@ -594,6 +683,148 @@ def save_samples(c, r, tag):
 
 
 # -----------------------------------------------------------------------------
+# the output folder: one run at a time, strict JSON logs, old checkpoints pruned, nothing non-finite saved
+
+
+class Diverged(SystemExit):
+    """A non-finite loss, gradient norm or weight: the run stops before anything is saved from it."""
+
+
+def json_line(rec):
+    """Strict JSON (RFC 8259 has no NaN or Infinity, and strict readers reject them): non-finite is null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}, allow_nan=False)
+
+
+def process_alive(owner):
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    try:
+        os.kill(owner["pid"], 0)  # signal 0: exists?
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+@contextlib.contextmanager
+def output_dir_lock(c, r):
+    """output_dir/train.lock, created exclusively and holding the owner's pid and host, for the length of the
+    run: a second train.py on the same output_dir stops at start-up instead of interleaving its checkpoints
+    with the first one's. A lock whose process has died on this host is taken over. Rank 0 holds it."""
+    if r.rank > 0:
+        yield
+        return
+    path = os.path.join(c.output_dir, "train.lock")
+    try:
+        os.makedirs(c.output_dir, exist_ok=True)
+        for attempt in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+                break
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        owner = json.load(f)
+                except (OSError, ValueError):
+                    owner = {}
+                if attempt or not owner or process_alive(owner):
+                    who = f"pid {owner['pid']} on {owner['host']}, started {owner['started']}" if owner else "an unreadable lock"
+                    raise lumina2.BadInput(f"another train.py is using output_dir {c.output_dir} ({who}); wait for it or choose "
+                                           f"another output_dir. If no such run is alive, delete {path}") from None
+                print(f"taking over {path}: its run (pid {owner['pid']}) is no longer alive")
+                os.remove(path)
+                for f in os.listdir(c.output_dir):  # the partial writes it was killed in (atomic_write's temp names)
+                    if re.fullmatch(rf".+\.{owner['pid']}-[0-9a-f]{{8}}\.tmp", f):
+                        os.remove(os.path.join(c.output_dir, f))
+    except OSError as e:
+        raise lumina2.WriteFailed(f"output_dir {c.output_dir} is not writable ({e.strerror or e}); choose another output_dir "
+                                  "or fix its permissions") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def check_output_dir(c, r):
+    """A new run (resume=False) into a folder that holds this output_name's state or log is refused, so that a
+    forgotten --resume=True cannot replace a long run's checkpoints with step 1's. overwrite=True starts over:
+    the old state and log are removed now, the old checkpoints are replaced as the new run saves its own.
+    A resume reads its state now, so that a damaged state or changed settings fail before the caching."""
+    if c.resume:
+        r.resume_state = read_resume_state(c, r)
+        check_settings(*r.resume_state, c, r)
+        return
+    if r.rank > 0:
+        return
+    found = sorted(n for n in os.listdir(c.output_dir) if re.fullmatch(re.escape(c.output_name) + r"-(state.*\.pt|log\.jsonl)", n))
+    if found and not c.overwrite:
+        raise lumina2.BadInput(f"output_dir {c.output_dir} already holds a run named {c.output_name!r} ({', '.join(found)}): "
+                               "continue it with --resume=True, start over with --overwrite=True, or choose another output_name")
+    for name in found:
+        os.remove(os.path.join(c.output_dir, name))
+
+
+def cut_log(path, step):
+    """On resume: keep the log's lines up to the resumed step (the interrupted run's later lines go, and a line
+    torn by a kill too), so the log reads as one uninterrupted run."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+    lumina2.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(keep)))
+
+
+def prune_checkpoints(c, r):
+    """save_last_n_steps: remove the step checkpoints (and their EMA twins) older than the last n steps;
+    save_last_n_epochs: keep the n newest epoch checkpoints. Called after a save is complete, so the newest
+    file always exists first. The final file and the resume state are never touched."""
+    name = re.escape(c.output_name)
+    rules = [(c.save_last_n_steps, name + r"-step(\d{6})(-ema)?\.safetensors", r.step - c.save_last_n_steps),
+             (c.save_last_n_epochs, name + r"-(\d{6})(-ema)?\.safetensors", r.epoch - c.save_last_n_epochs * max(1, c.save_every_n_epochs))]
+    for n, pattern, oldest_gone in rules:
+        if not n:
+            continue
+        for f in os.listdir(c.output_dir):
+            m = re.fullmatch(pattern, f)
+            if m and int(m.group(1)) <= oldest_gone:
+                os.remove(os.path.join(c.output_dir, f))
+
+
+def stopped_writing(c, r, e):
+    left = (f"the last complete checkpoint is {r.last_saved}" if r.last_saved else "no checkpoint had been completed yet")
+    return lumina2.WriteFailed(f"{e}. Stopped at step {r.step}: {left}. Free space (or make {c.output_dir} writable) and "
+                               "run again with --resume=True")
+
+
+def divergence_message(c, r, what, step):
+    last = (f"the last finite loss was {r.last_finite[1]:.4g} at step {r.last_finite[0]}" if r.last_finite
+            else "no step had a finite loss")
+    kept = (f"the last good checkpoint is {r.last_saved}, unchanged" if r.last_saved else "no checkpoint had been saved yet")
+    return (f"training diverged: {what} at step {step}; {last}. Stopped without saving: {kept}. Try a lower learning_rate "
+            f"(now {c.learning_rate:g}), max_grad_norm > 0 (now {c.max_grad_norm:g}), or look for a damaged image or weight "
+            f"file; --resume=True continues from the last good state")
+
+
+def check_finite_weights(c, r):
+    """Every trained tensor (and the EMA) finite, else Diverged: no checkpoint ever holds a NaN. One host sync
+    per save. FSDP2 ranks each check their shard and agree through an all-reduce."""
+    tensors = [local(p).detach() for p in r.params] + (r.ema.shadow if r.ema else [])
+    ok = torch.stack([torch.isfinite(t).all().to(c.device) for t in tensors]).all().float()
+    if r.fsdp:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise Diverged(divergence_message(c, r, "a trained weight is not finite", r.step))
+
+
+# -----------------------------------------------------------------------------
 # setup: caches first, then the model in one ordered setup
 
 
@@ -605,18 +836,31 @@ def dataset_defaults(c):
             "system_prompt": c.system_prompt, "validation_split": c.validation_split, "validation_seed": c.validation_seed}
 
 
-def build_caches(c, r):
-    """Latents and text features, then the AE and Gemma leave the device (the AE stays in CPU RAM for samples).
-    Under torchrun rank 0 writes the demo files and the disk caches first, then the other ranks read them."""
-    if r.rank > 0:
-        dist.barrier()
+def check_inputs(c, r):
+    """Everything cheap before anything expensive, so that a bad file fails in seconds and not after the
+    caching: the three weight files' headers (names, shapes, dtypes, the preset they match), the dataset scan
+    (every image decoded, every caption read), then the DiT's values, loaded into CPU RAM now so that a
+    damaged tensor is reported before the caching too (setup_model takes the model from r.base)."""
     if c.demo:
         paths = data.make_demo_weights(os.path.join(c.output_dir, "weights"))  # the same files sample.py's demo uses
         c.dit_path, c.gemma_path, c.ae_path = paths["dit"], paths["gemma"], paths["ae"]
         c.train_data_dir = data.make_demo_dataset(os.path.join(c.output_dir, "demo_images"))
+    lumina2.inspect_dit(c.dit_path)
+    lumina2.inspect_ae(c.ae_path)
+    lumina2.inspect_text_encoder(c.gemma_path)
     subsets = (data.read_dataset_config(c.dataset_config, dataset_defaults(c)) if c.dataset_config
                else [data.folder_subset(c.train_data_dir, **dataset_defaults(c))])
     r.ds = data.build_datasets(subsets, variants=c.caption_variants, seed=c.seed)
+    r.base = lumina2.load_dit(c.dit_path, dtype=r.dtype, device="cpu")
+
+
+def build_caches(c, r):
+    """Latents and text features, then the AE and Gemma leave the device (the AE stays in CPU RAM for samples).
+    Under torchrun rank 0 checks the inputs, writes the demo files and the disk caches first, then the other
+    ranks read them."""
+    if r.rank > 0:
+        dist.barrier()
+    check_inputs(c, r)
     cache_dir = os.path.join(c.output_dir, "cache")
     r.ae = lumina2.load_ae(c.ae_path, dtype=torch.float32, device=c.device)  # fp32: caches carry no bf16 error (84M params)
     r.ds.cache_latents(r.ae, device=c.device, cache_dir=cache_dir if c.cache_latents_to_disk or r.world > 1 else None,
@@ -636,13 +880,13 @@ def build_caches(c, r):
 
 def setup_model(c, r):
     """The one ordered setup. Each step needs the one before it:
-    1. load the DiT on the CPU (the device holds only what step 5 puts there);
+    1. the DiT, loaded on the CPU by check_inputs (the device holds only what step 5 puts there);
     2. LoRA (fp32 pairs around the base Linears), or every weight trainable: before fp8, so the LoRA wraps the
        full-precision Linears and its scale is exact;
     3-6. memory.prepare: fp8 storage of the frozen base -> gradient checkpointing -> regional compile -> block swap
        and placement on the device (memory.py says why in that order);
     7. DDP / FSDP2 wrap the placed model; 8. the optimizer sees the placed tensors; 9. EMA; 10. the fused step's hooks."""
-    model = lumina2.load_dit(c.dit_path, dtype=r.dtype, device="cpu")
+    model, r.base = r.base, None  # loaded by check_inputs, on the CPU
     if c.train_mode == "lora":
         lora.inject(model, rank=c.network_dim, alpha=c.network_alpha, attn_dim=c.attn_dim, mlp_dim=c.mlp_dim,
                     mod_dim=c.mod_dim, refiner_dim=c.refiner_dim, embedder_dims=c.embedder_dims,
@@ -686,13 +930,23 @@ def validation_loss(c, r):
     return (total / n).item()
 
 
-def flush_log(c, r, pending, log, bar):
-    """Turn the logged steps' device scalars into numbers with one host sync, and write them."""
-    if not pending:
+def write_log(c, r, line):
+    try:
+        r.log.write(line)
+        r.log.flush()
+    except OSError as e:
+        raise stopped_writing(c, r, lumina2.WriteFailed(f"could not write {r.log_path} ({e.strerror or e})")) from None
+
+
+def flush_log(c, r):
+    """Turn the logged steps' device scalars into numbers with one host sync, write them as strict JSON, and
+    stop the run at the first step whose loss or gradient norm is not finite (every rank sees the same
+    all-reduced numbers, so every rank stops)."""
+    if not r.pending:
         return
-    flat = torch.cat([torch.cat([p["losses"], p["stats"]]) for p in pending]).tolist()  # the one sync
-    k = 0
-    for p in pending:
+    flat = torch.cat([torch.cat([p["losses"], p["stats"]]) for p in r.pending]).tolist()  # the one sync
+    k, bad = 0, None
+    for p in r.pending:
         n = len(p["losses"])
         v, k = flat[k:k + n + 2], k + n + 2
         r.losses += v[:n]
@@ -700,29 +954,49 @@ def flush_log(c, r, pending, log, bar):
                "sigma": v[n + 1], "time": p["time"], "peak_gb": round(sample.peak_memory_gb(c.device), 3)}
         if p.get("val_loss") is not None:
             rec["val_loss"] = r.val_loss = p["val_loss"]
-        if log:
-            log.write(json.dumps(rec) + "\n")
-    if log:
-        log.flush()
+        if r.log:
+            write_log(c, r, json_line(rec) + "\n")
+        if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
+            bad = rec
+            break
+        r.last_finite = (rec["step"], rec["loss"])
+    r.pending.clear()
+    if r.log:
+        write_log(c, r, "")
+    if bad:
+        raise Diverged(divergence_message(c, r, f"loss {bad['loss']:.4g}, gradient norm {bad['grad_norm']:.4g}", bad["step"]))
     val = {"val": f"{r.val_loss:.4f}"} if r.val_loss is not None else {}
-    bar.set_postfix(loss=f"{rec['loss']:.4f}", **val, lr=f"{rec['lr']:.2e}", mem=f"{rec['peak_gb']:.1f}GB")
-    pending.clear()
+    if r.bar:
+        r.bar.set_postfix(loss=f"{rec['loss']:.4f}", **val, lr=f"{rec['lr']:.2e}", mem=f"{rec['peak_gb']:.1f}GB")
 
 
 def train(c):
     """c: the config namespace. Returns a dict with the losses and the paths written."""
-    r = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0, losses=[], val_loss=None)
+    r = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0, losses=[], val_loss=None, pending=[], log=None, bar=None,
+                        last_finite=None, last_saved=None)
     world = int(os.environ.get("WORLD_SIZE", 1))
     validate(c, world)  # also sets the attention backend
     r.dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
     r.rank, r.world = setup_distributed(c)
     r.fsdp = r.world > 1 and c.parallel == "fsdp"  # every rank holds a shard: saving gathers, each rank keeps its own state
-    os.makedirs(c.output_dir, exist_ok=True)
+    r.state_path = os.path.join(c.output_dir, f"{c.output_name}-state{f'-rank{r.rank}' if r.fsdp else ''}.pt")
+    r.log_path = os.path.join(c.output_dir, f"{c.output_name}-log.jsonl")
     torch.manual_seed(c.seed)
     random.seed(c.seed)
+    with output_dir_lock(c, r):
+        check_output_dir(c, r)
+        build_caches(c, r)
+        setup_model(c, r)
+        try:
+            return train_loop(c, r)
+        finally:
+            if r.log:
+                r.log.close()
+            if r.bar:
+                r.bar.close()
 
-    build_caches(c, r)
-    setup_model(c, r)
+
+def train_loop(c, r):
     batches_per_epoch = r.ds.len_batches(r.world)
     steps_per_epoch = math.ceil(batches_per_epoch / c.gradient_accumulation_steps)
     total_steps = c.max_train_steps or c.max_train_epochs * steps_per_epoch
@@ -732,16 +1006,14 @@ def train(c):
         sizes = "/".join(str(ds.batch_size) for ds in r.ds.datasets)
         print(f"{c.train_mode}: {sum(p.numel() for p in r.params):,} trainable params; {len(r.ds)} images, "
               f"{batches_per_epoch} batches/epoch of {sizes} x {r.world} process(es), {total_steps} steps")
-    r.state_path = os.path.join(c.output_dir, f"{c.output_name}-state{f'-rank{r.rank}' if r.fsdp else ''}.pt")
     if c.resume:
         resume_from(c, r)
 
     # the loop: the loss, grad norm and sigma stay on the device; flush_log syncs once per logged step
-    log_path = os.path.join(c.output_dir, f"{c.output_name}-log.jsonl")
-    log = open(log_path, "a") if r.rank == 0 else None
-    pending, t0 = [], time.time()
+    r.log = open(r.log_path, "a") if r.rank == 0 else None  # a new run found no log (check_output_dir); a resumed one was cut
+    t0 = time.time()
     r.model.train()
-    bar = tqdm(total=total_steps, initial=r.step, desc="train", dynamic_ncols=True, disable=r.rank > 0)
+    r.bar = tqdm(total=total_steps, initial=r.step, desc="train", dynamic_ncols=True, disable=r.rank > 0)
     while r.step < total_steps:
         micro, micro_losses, sigmas = 0, [], []
         r.optimizer.lr = c.learning_rate * schedule(r.step)
@@ -779,14 +1051,14 @@ def train(c):
                 dist.all_reduce(losses)
                 losses = losses / r.world
             grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-            pending.append({"step": r.step, "epoch": r.epoch, "losses": losses.float(), "lr": r.optimizer.lr,
-                            "stats": torch.stack([grad_norm.float(), torch.stack(sigmas).mean().to(grad_norm.device)]),
-                            "time": round(time.time() - t0, 3)})
-            bar.update(1)
+            r.pending.append({"step": r.step, "epoch": r.epoch, "losses": losses.float(), "lr": r.optimizer.lr,
+                              "stats": torch.stack([grad_norm.float(), torch.stack(sigmas).mean().to(grad_norm.device)]),
+                              "time": round(time.time() - t0, 3)})
+            r.bar.update(1)
             if c.validate_every_n_steps and r.step % c.validate_every_n_steps == 0:
-                pending[-1]["val_loss"] = validation_loss(c, r)
+                r.pending[-1]["val_loss"] = validation_loss(c, r)
             if r.step % c.log_every == 0 or r.step == total_steps:
-                flush_log(c, r, pending, log, bar)
+                flush_log(c, r)
             micro, micro_losses, sigmas = 0, [], []
             r.optimizer.lr = c.learning_rate * schedule(r.step)
             if r.ema:
@@ -805,20 +1077,18 @@ def train(c):
                 break  # a new epoch draws a new order
             if r.step >= total_steps:
                 break
-    flush_log(c, r, pending, log, bar)
-    bar.close()
-    if log:
-        log.close()
+    flush_log(c, r)
+    r.bar.close()
     final = save_checkpoint(c, r, "")
     sample_path = save_samples(c, r, "-final") if c.sample_prompts else None
     if r.rank == 0:
-        print(f"{'LoRA' if c.train_mode == 'lora' else 'model'}: {final}\nsamples: {sample_path}\nlog: {log_path}\n"
+        print(f"{'LoRA' if c.train_mode == 'lora' else 'model'}: {final}\nsamples: {sample_path}\nlog: {r.log_path}\n"
               f"{r.step} steps in {time.time() - t0:.1f}s, loss (mean of 20 batches) first {mean(r.losses[:20]):.4f}, "
               f"last {mean(r.losses[-20:]):.4f}, peak {sample.peak_memory_gb(c.device):.2f} GB")
     if r.world > 1:
         dist.barrier()  # rank 0 may still be writing: leave together
         dist.destroy_process_group()
-    return {"losses": r.losses, "lora": final, "state": r.state_path, "log": log_path, "samples": sample_path,
+    return {"losses": r.losses, "lora": final, "state": r.state_path, "log": r.log_path, "samples": sample_path,
             "model": r.model, "ema": r.ema}
 
 
@@ -827,8 +1097,13 @@ def mean(xs):
 
 
 def main(argv=None):
+    """The known failures (a bad input, a failed write) print one line that says what to do; anything else is a
+    bug and keeps its traceback."""
     cfg = configure(dict(globals()), argv)
-    return train(SimpleNamespace(**cfg))
+    try:
+        return train(SimpleNamespace(**cfg))
+    except (lumina2.BadInput, lumina2.WriteFailed) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -23,3 +23,4 @@ sample_every_n_steps = 500
 sample_width = 64
 sample_height = 64
 sample_steps = 20
+overwrite = True  # the demo reruns from scratch into the same folder
