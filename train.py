@@ -605,6 +605,14 @@ def dataset_defaults(c):
             "system_prompt": c.system_prompt, "validation_split": c.validation_split, "validation_seed": c.validation_seed}
 
 
+def check_weight_files(c):
+    """Every weight-file check that needs only the headers (seconds even for the 2B files): a wrong, damaged or
+    truncated file fails here with a BadInput, not after the images are encoded or at the model load."""
+    lumina2.inspect_ae(c.ae_path)
+    lumina2.inspect_text_encoder(c.gemma_path)
+    lumina2.inspect_dit(c.dit_path)
+
+
 def build_caches(c, r):
     """Latents and text features, then the AE and Gemma leave the device (the AE stays in CPU RAM for samples).
     Under torchrun rank 0 writes the demo files and the disk caches first, then the other ranks read them."""
@@ -614,6 +622,7 @@ def build_caches(c, r):
         paths = data.make_demo_weights(os.path.join(c.output_dir, "weights"))  # the same files sample.py's demo uses
         c.dit_path, c.gemma_path, c.ae_path = paths["dit"], paths["gemma"], paths["ae"]
         c.train_data_dir = data.make_demo_dataset(os.path.join(c.output_dir, "demo_images"))
+    check_weight_files(c)
     subsets = (data.read_dataset_config(c.dataset_config, dataset_defaults(c)) if c.dataset_config
                else [data.folder_subset(c.train_data_dir, **dataset_defaults(c))])
     r.ds = data.build_datasets(subsets, variants=c.caption_variants, seed=c.seed)
