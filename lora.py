@@ -341,7 +341,18 @@ def read_lora(path, model):
     """A LoRA file -> {module path: (down (r, in) fp32, up (out, r) fp32, alpha float)}. `model` supplies the
     valid module names (kohya names are matched against them) and the q/k/v split sizes."""
     f, meta = lumina2.open_safetensors(path)
-    return parse_lora({k: f.get_tensor(k) for k in f.keys()}, model, meta, source=path)
+    sd = {k: f.get_tensor(k) for k in f.keys()}
+    check_finite(sd, path)
+    return parse_lora(sd, model, meta, source=path)
+
+
+def check_finite(sd, path):
+    """Refuse a LoRA holding NaN or inf: merged, it would turn every output of the model into NaN (a black image)."""
+    bad = sorted(k for k, t in sd.items() if t.is_floating_point() and lumina2.nonfinite_count(t))
+    if bad:
+        raise lumina2.BadInput(f"{path}: {len(bad)} of its {len(sd)} tensors hold NaN/inf values ({', '.join(bad[:3])}"
+                               f"{', ...' if len(bad) > 3 else ''}): was it saved from a diverged run? Use an earlier "
+                               f"checkpoint of it, or train again with a lower learning rate")
 
 
 # -----------------------------------------------------------------------------

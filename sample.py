@@ -237,7 +237,7 @@ def encode_caption(te, caption, system, device):
 
 def load_models(c, dtype, home):
     """-> (te, dit, ae) on `home`, LoRAs merged into the DiT. File problems end the run with the loader's message."""
-    missing = [p for p in (c.dit_path, c.gemma_path, c.ae_path) if not os.path.isfile(p)]
+    missing = [p for p in (c.dit_path, c.gemma_path, c.ae_path) if not os.path.exists(p)]  # a folder: the loader says so
     if missing:
         raise SystemExit(f"weight file not found: {', '.join(missing)} (set dit_path / gemma_path / ae_path, "
                          f"or try `python sample.py config/sample_demo.py` with tiny demo weights)")

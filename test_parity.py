@@ -276,7 +276,7 @@ def test_bf16_forward_stays_near_fp32(tiny_dit):
 def test_bad_files_say_what_they_are(tmp_path, gemma_file):
     from diffusers import Lumina2Transformer2DModel
     path = str(tmp_path / "x.safetensors")
-    with pytest.raises(FileNotFoundError, match="weight file not found"):
+    with pytest.raises(lumina2.BadInput, match="weight file not found"):
         lumina2.load_dit(str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="this is the Gemma|looks like the Gemma-2 text encoder"):
         lumina2.load_dit(gemma_file[0])

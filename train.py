@@ -838,20 +838,20 @@ def dataset_defaults(c):
 
 def check_inputs(c, r):
     """Everything cheap before anything expensive, so that a bad file fails in seconds and not after the
-    caching: the three weight files' headers (names, shapes, dtypes, the preset they match), the dataset scan
-    (every image decoded, every caption read), then the DiT's values, loaded into CPU RAM now so that a
-    damaged tensor is reported before the caching too (setup_model takes the model from r.base)."""
+    caching: the AE's and Gemma's headers (names, shapes, dtypes), the DiT (its header and the preset it
+    matches, then its values: loaded into CPU RAM now, so that a damaged tensor is reported before the
+    caching too; setup_model takes it from r.base), then the dataset scan (every image decoded, every
+    caption read)."""
     if c.demo:
         paths = data.make_demo_weights(os.path.join(c.output_dir, "weights"))  # the same files sample.py's demo uses
         c.dit_path, c.gemma_path, c.ae_path = paths["dit"], paths["gemma"], paths["ae"]
         c.train_data_dir = data.make_demo_dataset(os.path.join(c.output_dir, "demo_images"))
-    lumina2.inspect_dit(c.dit_path)
     lumina2.inspect_ae(c.ae_path)
     lumina2.inspect_text_encoder(c.gemma_path)
+    r.base = lumina2.load_dit(c.dit_path, dtype=r.dtype, device="cpu")  # its header checks, then its values
     subsets = (data.read_dataset_config(c.dataset_config, dataset_defaults(c)) if c.dataset_config
                else [data.folder_subset(c.train_data_dir, **dataset_defaults(c))])
     r.ds = data.build_datasets(subsets, variants=c.caption_variants, seed=c.seed)
-    r.base = lumina2.load_dit(c.dit_path, dtype=r.dtype, device="cpu")
 
 
 def build_caches(c, r):
