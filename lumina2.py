@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import uuid
 import warnings
 from collections import Counter
@@ -670,10 +671,13 @@ def atomic_write(path, write):
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as e:
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free if os.path.exists(tmp) else None
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+        if isinstance(e, (OSError, RuntimeError)) or "I/O error" in str(e):  # safetensors' own error type, for one
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if free is not None and free < 2**20:  # torch.save says "unexpected pos ..." for a full disk
+                reason = f"no space left on the device: {free:,} bytes free, {reason}"
             raise WriteFailed(f"could not write {path} ({reason}); the file it was to replace, if any, is unchanged") from e
         raise
 

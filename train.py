@@ -658,7 +658,7 @@ def save_checkpoint(c, r, tag):
     except lumina2.WriteFailed as e:
         raise stopped_writing(c, r, e) from None
     r.last_saved = path
-    if r.rank == 0:
+    if r.rank == 0 and tag:  # the final save prunes nothing, as in sd-scripts
         prune_checkpoints(c, r)
     return path
 
