@@ -23,10 +23,7 @@ from safetensors.torch import load_file, save_file
 import data
 import lumina2
 import train
-from testutil import cli_args, run
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
+from testutil import HERE, cli_args, run, torchrun
 
 def demo_data(tmp_path, n=4):
     return f"--train_data_dir={data.make_demo_dataset(str(tmp_path / 'img'), n=n)}"
@@ -126,6 +123,40 @@ def test_no_checkpoint_holds_a_non_finite_weight(weights, tmp_path, monkeypatch)
     with pytest.raises(train.Diverged, match="a trained weight is not finite at step 2"):
         run(weights, tmp_path, demo_data(tmp_path), "--max_train_steps=4", "--save_every_n_steps=1")
     assert step_files(tmp_path / "out") == ["t-step000001.safetensors"]
+
+
+# train.py under torchrun (DDP, 2 gloo processes): rank 1 alone gets a NaN loss at step 3
+DDP_NAN = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+import train
+real, calls = train.flow_matching_loss, [0]
+def loss(*a):
+    calls[0] += 1
+    out = real(*a)
+    return out * float("nan") if os.environ["RANK"] == "1" and calls[0] == 3 else out
+train.flow_matching_loss = loss
+try:
+    train.main(sys.argv[1:])
+    caught = None
+except SystemExit as e:
+    caught = dict(diverged=isinstance(e, train.Diverged), message=str(e))
+with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(caught, f)
+"""
+
+
+def test_ddp_ranks_agree_to_stop(weights, tmp_path):
+    """Only one rank's loss goes NaN; the gradients and the logged losses are averaged across ranks, so every
+    rank sees the non-finite step and every rank stops there, saving nothing after step 2."""
+    spy = tmp_path / "spy.py"
+    spy.write_text(DDP_NAN.format(here=HERE, out=str(tmp_path)))
+    folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
+    torchrun(cli_args(weights) + [f"--train_data_dir={folder}", "--network_dim=4", "--train_batch_size=1", "--max_train_steps=6",
+                                  "--save_every_n_steps=1", f"--output_dir={tmp_path / 'out'}"], fresh=tmp_path / "out", script=str(spy))
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert all(r and r["diverged"] and "at step 3" in r["message"] for r in ranks), ranks
+    assert step_files(tmp_path / "out") == ["t-step000001.safetensors", "t-step000002.safetensors"]
 
 
 # -----------------------------------------------------------------------------

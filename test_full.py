@@ -8,10 +8,6 @@ converter, and torchrun (gloo, 2 processes on CPU) against one process with the 
 """
 import json
 import os
-import shutil
-import subprocess
-import sys
-import warnings
 
 import pytest
 import torch
@@ -21,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import data
 import lumina2
 import train
-from testutil import cli_args, full_width_config, killed_then_resumed, memorisation_error, one_image_dataset, run
+from testutil import cli_args, full_width_config, killed_then_resumed, memorisation_error, one_image_dataset, run, torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -253,24 +249,6 @@ def test_full_model_file_loads_in_our_loader_and_diffusers(weights, tmp_path):
 
 # -----------------------------------------------------------------------------
 # torchrun: 2 processes (gloo, CPU) against 1 process with the combined batch
-
-
-def torchrun(args, nproc=2, fresh=None, script="train.py"):
-    """Launch train.py on nproc gloo processes. Training is deterministic, so a bug fails every launch; a
-    launch that fails is retried once (after emptying `fresh`, the run's output folder, when given) with
-    its output shown as a warning: one in about twenty full-suite runs here lost a launch to the launcher
-    or the transport, not to train.py."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
-    for attempt in (1, 2):
-        res = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
-        if res.returncode == 0:
-            return res
-        output = res.stdout[-3000:] + res.stderr[-3000:]
-        assert attempt == 1, output
-        warnings.warn(f"torchrun failed once (exit {res.returncode}), retrying:\n{output}")
-        if fresh:
-            shutil.rmtree(fresh, ignore_errors=True)
 
 
 def trained_params(out, fsdp):

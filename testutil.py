@@ -3,6 +3,10 @@ Helpers shared by the test files (the fixtures are in conftest.py). A test file 
 never from another test file, so that each test file can be run, renamed or removed on its own.
 """
 import os
+import shutil
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -202,3 +206,24 @@ def run_sample(weights, out_dir, *flags):
     return sample.main([f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
                         f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32", "--width=32", "--height=32",
                         "--steps=2", "--prompt=a red circle on a white background", *flags])
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def torchrun(args, nproc=2, fresh=None, script="train.py"):
+    """Launch train.py on nproc gloo processes. Training is deterministic, so a bug fails every launch; a
+    launch that fails is retried once (after emptying `fresh`, the run's output folder, when given) with
+    its output shown as a warning: one in about twenty full-suite runs here lost a launch to the launcher
+    or the transport, not to train.py."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    for attempt in (1, 2):
+        res = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+        if res.returncode == 0:
+            return res
+        output = res.stdout[-3000:] + res.stderr[-3000:]
+        assert attempt == 1, output
+        warnings.warn(f"torchrun failed once (exit {res.returncode}), retrying:\n{output}")
+        if fresh:
+            shutil.rmtree(fresh, ignore_errors=True)
