@@ -89,7 +89,8 @@ def test_a_state_from_another_device_type_resumes_with_a_warning(weights, tmp_pa
 def test_the_loop_syncs_the_host_once_per_logged_step(weights, tmp_path, monkeypatch):
     """Loss, grad norm and sigma stay on the device until a logged step: 6 optimizer steps of 2 micro-batches
     with log_every=3 read tensor values into Python twice in train.py (.item(), .tolist() or float() on a
-    tensor; torch's own CPU-side reads, like AdamW's step counter, are not device syncs and are not counted)."""
+    tensor), plus once per save (is every weight finite?). torch's own CPU-side reads, like AdamW's step
+    counter, are not device syncs and are not counted."""
     calls = []
     for name in ("item", "tolist", "__float__"):
         original = getattr(torch.Tensor, name)
@@ -103,7 +104,7 @@ def test_the_loop_syncs_the_host_once_per_logged_step(weights, tmp_path, monkeyp
     monkeypatch.setattr(train, "step_after_backward", lambda *a, _f=train.step_after_backward: (steps.append(len(calls)), _f(*a))[1])
     out = run(weights, tmp_path, "--max_train_steps=6", "--gradient_accumulation_steps=2", "--log_every=3")
     during = len(calls) - steps[0]  # from the first optimizer step on (the set-up before it may read values)
-    assert during == 2, calls[steps[0]:]
+    assert during == 2 + 1, calls[steps[0]:]  # 2 logged flushes, and the final save's check that every weight is finite
     lines = [json.loads(s) for s in open(out["log"])]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6] and len(out["losses"]) == 12
 
