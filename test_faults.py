@@ -76,13 +76,13 @@ def inject_nan(monkeypatch, step, where, folder, seen):
     monkeypatch.setattr(train, "step_after_backward", stepped)
 
 
-@pytest.mark.parametrize("mode,where", [("lora", "loss"), ("lora", "grad"), ("full", "loss")])
+@pytest.mark.parametrize("mode,where", [("lora", "loss"), ("lora", "grad"), ("full", "loss"), ("full --fused_backward_pass=True", "loss")])
 def test_a_non_finite_step_stops_the_run_and_leaves_the_files_as_they_were(weights, tmp_path, monkeypatch, mode, where):
     out, seen = tmp_path / "out", {}
     inject_nan(monkeypatch, 4, where, out, seen)
     with pytest.raises(SystemExit) as e:
-        run(weights, tmp_path, demo_data(tmp_path), f"--train_mode={mode}", "--max_train_steps=10", "--save_every_n_steps=1",
-            "--learning_rate=1e-3")
+        run(weights, tmp_path, demo_data(tmp_path), *f"--train_mode={mode}".split(), "--max_train_steps=10",
+            "--save_every_n_steps=1", "--learning_rate=1e-3")
     msg = str(e.value)
     assert isinstance(e.value, train.Diverged)
     assert "training diverged" in msg and "at step 4" in msg and "the last finite loss was" in msg and "at step 3" in msg
