@@ -34,7 +34,8 @@ from tqdm import tqdm
 import lumina2
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-PREPROCESS = "cover-lanczos-centre-crop-v1"  # part of the latent fingerprint: change it when the pixel pipeline changes
+# part of the latent fingerprint: change it when the pixel pipeline changes (v2: more than 8 bits scaled, not clipped)
+PREPROCESS = "cover-lanczos-centre-crop-v2"
 
 # -----------------------------------------------------------------------------
 # aspect buckets and pixels
@@ -72,12 +73,37 @@ def image_size(path):
 
 
 def load_image(path):
-    """-> RGB PIL image, EXIF rotation applied, transparency composited over white (not black)."""
+    """-> RGB PIL image, EXIF rotation applied, more than 8 bits per sample scaled down (not clipped),
+    transparency composited over white (not black)."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
+        img = to_8bit(ImageOps.exif_transpose(img))
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
             img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
         return img.convert("RGB")
+
+
+def to_8bit(img):
+    """A greyscale image of more than 8 bits per pixel (PIL modes I;16*, I, F) -> mode L, or LA when it has a
+    transparent value; any other image unchanged. Pillow's own convert("L"/"RGB") clips these modes to
+    0..255, so a 16-bit PNG (0..65535) comes out almost white. 16-bit RGB(A) and grey+alpha PNGs need none
+    of this: Pillow opens them as 8-bit RGB(A), already scaled. Scaling: I;16* / 257 (65535 -> 255); I
+    (32-bit int, what some Pillow versions give a 16-bit PNG) / 257 when its max exceeds 255, else as is;
+    F (float) x 255 when it lies in [0, 1], else clipped."""
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    a = np.nan_to_num(np.asarray(img).astype(np.float64))  # (H, W)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.max() > 255):
+        v = a / 257
+    elif img.mode == "F" and a.min() >= 0 and a.max() <= 1:
+        v = a * 255
+    else:
+        v = a
+    grey = Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8), "L")
+    key = img.info.get("transparency")
+    if isinstance(key, (int, float)):  # a PNG tRNS grey value, in the image's own scale
+        alpha = Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (grey, alpha))
+    return grey
 
 
 def resize_cover_crop(img, w, h):
@@ -90,8 +116,8 @@ def resize_cover_crop(img, w, h):
 
 
 def to_tensor(img):
-    """PIL image -> (3, H, W) fp32 in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+    """PIL image -> (3, H, W) fp32 in [-1, 1]; a 16-bit or float greyscale image is scaled as load_image does."""
+    x = torch.from_numpy(np.asarray(to_8bit(img).convert("RGB"), dtype=np.uint8).copy())  # (H, W, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 
 # -----------------------------------------------------------------------------

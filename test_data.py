@@ -8,11 +8,16 @@ CPU only, offline, tiny random models from data.make_demo_weights.
 import gc
 import math
 import os
+import struct
+import time
+import warnings
 import weakref
+import zlib
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
 import data
 import lumina2
@@ -83,6 +88,73 @@ def test_to_tensor_range():
     x = data.to_tensor(Image.new("RGB", (4, 2), (0, 255, 128)))
     assert x.shape == (3, 2, 4)
     assert x[0].eq(-1).all() and x[1].eq(1).all() and abs(x[2, 0, 0].item() - (128 / 127.5 - 1)) < 1e-6
+
+def write_png16(path, a, transparent=None):
+    """A 16-bit PNG written from the spec (Pillow cannot write 16-bit RGB): a (H, W) uint16 array as greyscale
+    (colour type 0), (H, W, 3) as RGB (colour type 2); `transparent`: a grey value made transparent (tRNS)."""
+    h, w = a.shape[:2]
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if a.ndim == 2 else 2, 0, 0, 0)
+    extra = chunk(b"tRNS", struct.pack(">H", transparent)) if transparent is not None else b""
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def to_8bit_reference(a):
+    """round(v / 257) in integers: 16-bit 0..65535 -> 8-bit 0..255."""
+    return (a.astype(np.int64) * 255 + 32767) // 65535
+
+
+def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 16).round().astype(np.uint16).reshape(16, 64)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16")  # what Pillow opens it as: convert() would clip it
+    got = np.asarray(data.load_image(str(tmp_path / "g16.png"))).astype(int)  # (16, 64, 3)
+    want = to_8bit_reference(ramp)
+    assert np.abs(got - want[..., None]).max() <= 1
+    Image.fromarray(want.astype(np.uint8), "L").save(tmp_path / "g8.png")  # the same picture, written in 8 bits
+    x16, x8 = (data.to_tensor(data.load_image(str(tmp_path / f))) for f in ("g16.png", "g8.png"))
+    assert (x16 - x8).abs().max() <= 1 / 127.5 + 1e-6
+    write_png16(tmp_path / "t16.png", ramp, transparent=0)  # 16-bit tRNS: the black corner is transparent -> white
+    t = np.asarray(data.load_image(str(tmp_path / "t16.png"))).astype(int)
+    assert (t[0, 0] == 255).all() and np.abs(t[:, 1:] - want[:, 1:, None]).max() <= 1
+
+
+def test_16bit_mid_grey_trains_as_mid_grey(tmp_path):
+    (tmp_path / "grey").mkdir()
+    Image.fromarray(np.full((64, 64), 32896, np.uint16)).save(tmp_path / "grey" / "g.png")  # 32896 = 128 x 257
+    (tmp_path / "grey" / "g.txt").write_text("grey")
+    ds = data.Dataset(str(tmp_path / "grey"), resolution=64)
+    x = ds.pixels(0, False)  # what the AE encodes; the old convert("RGB") gave a mean of about +0.99 (white)
+    assert abs(x.mean().item() - (128 / 127.5 - 1)) < 1e-3
+    assert abs(data.to_tensor(Image.open(tmp_path / "grey" / "g.png")).mean().item() - (128 / 127.5 - 1)) < 1e-3
+
+
+def test_high_bit_depth_modes_in_memory():
+    ramp = np.linspace(0, 65535, 256).round().reshape(4, 64)
+    want = to_8bit_reference(ramp.astype(np.uint16))
+    as_int = data.to_8bit(Image.fromarray(ramp.astype(np.int32)))  # mode I, as some Pillow versions open 16-bit PNGs
+    assert as_int.mode == "L" and np.abs(np.asarray(as_int).astype(int) - want).max() <= 1
+    small = np.arange(256, dtype=np.int32).reshape(4, 64)  # mode I holding 8-bit values: kept as they are
+    assert np.array_equal(np.asarray(data.to_8bit(Image.fromarray(small))), small)
+    unit = data.to_8bit(Image.fromarray((ramp / 65535).astype(np.float32)))  # mode F in [0, 1]: x 255
+    assert np.abs(np.asarray(unit).astype(int) - want).max() <= 1
+    wide = data.to_8bit(Image.fromarray(np.array([[-5, 0, 100.4, 300]], np.float32)))  # mode F outside [0, 1]: clipped
+    assert np.asarray(wide).tolist() == [[0, 0, 100, 255]]
+
+
+def test_16bit_rgb_png_opens_scaled(tmp_path):
+    """Pillow cannot write a 48-bit PNG (Image.fromarray refuses (H, W, 3) uint16), so the file is written
+    by hand; Pillow opens it as 8-bit RGB, already scaled (it keeps the high byte, within 1 of round(v/257))."""
+    rgb = np.random.default_rng(0).integers(0, 65536, (8, 16, 3)).astype(np.uint16)
+    write_png16(tmp_path / "rgb48.png", rgb)
+    got = np.asarray(data.load_image(str(tmp_path / "rgb48.png"))).astype(int)
+    assert np.abs(got - to_8bit_reference(rgb)).max() <= 1
+
 
 def test_exif_rotation_and_transparency(tmp_path):
     exif = Image.Exif()
