@@ -34,8 +34,9 @@ from tqdm import tqdm
 import lumina2
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-# part of the latent fingerprint: change it when the pixel pipeline changes (v2: more than 8 bits scaled, not clipped)
-PREPROCESS = "cover-lanczos-centre-crop-v2"
+# part of the latent fingerprint: change it when the pixel pipeline changes (v2: more than 8 bits scaled, not clipped;
+# v3: only the kept box is resized, exactly centred, instead of resizing all and cropping at whole pixels)
+PREPROCESS = "lanczos-centre-box-v3"
 
 # -----------------------------------------------------------------------------
 # aspect buckets and pixels
@@ -107,12 +108,16 @@ def to_8bit(img):
 
 
 def resize_cover_crop(img, w, h):
-    """Resize (LANCZOS) so the image covers w x h, keeping its aspect, then cut the centre w x h."""
-    scale = max(w / img.width, h / img.height)
-    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
-    img = img.resize((nw, nh), Image.LANCZOS)
-    left, top = (nw - w) // 2, (nh - h) // 2
-    return img.crop((left, top, left + w, top + h))
+    """The centre w x h of the image resized (LANCZOS) to cover w x h, keeping its aspect. Only the region
+    that is kept is resized, in one call (a box in source pixels, fractional), so an extreme strip never
+    becomes a huge intermediate: 20000 x 20 at 512 x 512 would otherwise be resized to 512000 x 512 first."""
+    W, H = img.size
+    if w * H >= h * W:  # the kept region (bw x bh source px, aspect w:h) spans the whole width...
+        bw, bh = W, h * W / w
+    else:  # ...or the whole height; the spanned side is exact, so the box never leaves the image
+        bw, bh = w * H / h, H
+    left, top = (W - bw) / 2, (H - bh) / 2
+    return img.resize((w, h), Image.LANCZOS, box=(left, top, min(W, left + bw), min(H, top + bh)))
 
 
 def to_tensor(img):
