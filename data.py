@@ -107,17 +107,39 @@ def to_8bit(img):
     return grey
 
 
-def resize_cover_crop(img, w, h):
+def resize_cover_crop(img, w, h, path=None):
     """The centre w x h of the image resized (LANCZOS) to cover w x h, keeping its aspect. Only the region
     that is kept is resized, in one call (a box in source pixels, fractional), so an extreme strip never
-    becomes a huge intermediate: 20000 x 20 at 512 x 512 would otherwise be resized to 512000 x 512 first."""
+    becomes a huge intermediate: 20000 x 20 at 512 x 512 would otherwise be resized to 512000 x 512 first.
+    With `path` (the image's file), an extreme upscale or crop is warned about, once per file."""
     W, H = img.size
     if w * H >= h * W:  # the kept region (bw x bh source px, aspect w:h) spans the whole width...
         bw, bh = W, h * W / w
     else:  # ...or the whole height; the spanned side is exact, so the box never leaves the image
         bw, bh = w * H / h, H
     left, top = (W - bw) / 2, (H - bh) / 2
+    if path is not None:
+        warn_extreme(path, w / bw, bw * bh / (W * H))
     return img.resize((w, h), Image.LANCZOS, box=(left, top, min(W, left + bw), min(H, top + bh)))
+
+
+WARNED = set()  # (path, kind) already warned about in this process: a file resized again (flipped, re-cached) warns once
+MAX_UPSCALE, MIN_KEPT = 4.0, 0.5
+
+
+def warn_extreme(path, scale, kept):
+    """Warn once per file when its bucket enlarges it more than MAX_UPSCALE times (it trains blurred) or the
+    centre crop keeps less than MIN_KEPT of its area (most of the picture never trains). scale: output px
+    per source px; kept: the fraction of the image's area inside the crop."""
+    path = os.path.abspath(path)
+    if scale > MAX_UPSCALE and (path, "upscale") not in WARNED:
+        WARNED.add((path, "upscale"))
+        warnings.warn(f"{path}: upscaled {scale:.1f}x to fill its bucket (more than {MAX_UPSCALE:g}x), so it trains "
+                      f"blurred; use a larger image, or train it at a lower resolution")
+    if kept < MIN_KEPT and (path, "crop") not in WARNED:
+        WARNED.add((path, "crop"))
+        warnings.warn(f"{path}: the centre crop to its bucket keeps {kept:.1%} of the image (less than {MIN_KEPT:.0%}); "
+                      f"crop it yourself to an aspect of at most 4:1 to choose what trains")
 
 
 def to_tensor(img):
@@ -670,7 +692,8 @@ class Dataset:
 
     def pixels(self, i, flipped):
         """Image i, bucketed -> (3, h, w) in [-1, 1], mirrored left-right when flipped."""
-        x = to_tensor(resize_cover_crop(load_image(self.items[i][0]), *self.buckets[i]))
+        path = self.items[i][0]
+        x = to_tensor(resize_cover_crop(load_image(path), *self.buckets[i], path=path))
         return x.flip(-1) if flipped else x
 
     @torch.no_grad()

@@ -139,6 +139,24 @@ def test_extreme_strip_is_not_resized_whole(monkeypatch):
     assert seconds < 0.5, seconds  # measured 0.001 s
 
 
+def test_extreme_upscale_and_crop_warn_once_per_file(tmp_path):
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "tiny.png")  # 8 x 8 at 256 x 256: 32x
+    Image.new("RGB", (2000, 64), (0, 200, 0)).save(tmp_path / "strip.png")  # 2x into 512 x 128, which keeps 256 x 64 of it
+    Image.new("RGB", (300, 240), (0, 0, 200)).save(tmp_path / "normal.png")
+    for name in ("tiny", "strip", "normal"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    ds = data.Dataset(str(tmp_path), resolution=256, flip=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # loaded twice, and mirrored: still one warning per file and kind
+            for i in range(len(ds)):
+                ds.pixels(i, False), ds.pixels(i, True)
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 2, said
+    assert said[0].startswith(str(tmp_path / "strip.png")) and "keeps 12.8% of the image" in said[0]
+    assert said[1].startswith(str(tmp_path / "tiny.png")) and "upscaled 32.0x" in said[1]
+
+
 def test_to_tensor_range():
     x = data.to_tensor(Image.new("RGB", (4, 2), (0, 255, 128)))
     assert x.shape == (3, 2, 4)
