@@ -15,6 +15,7 @@ produced them, so a changed setting re-encodes and nothing goes stale.
     python -c "import data; print(data.make_demo_weights('out/demo/weights'))"
     python -c "import data; print(data.make_demo_dataset('out/demo/images'))"
 """
+import codecs
 import contextlib
 import difflib
 import hashlib
@@ -154,10 +155,10 @@ def to_tensor(img):
 def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
     """All images under root (sorted; recursive, or only those directly inside as sd-scripts' image_dir)
     -> list of (path, caption). A missing caption file gives class_tokens, or "" with a warning; an image
-    that fails to decode is reported and skipped."""
+    that fails to decode is reported and skipped; caption files that are not UTF-8 are all listed in one BadInput."""
     if not os.path.isdir(root):
         raise ValueError(f"dataset folder {root!r} does not exist or is not a folder")
-    items, bad = [], []
+    items, bad, not_utf8 = [], [], []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(dirs) if recursive else []
         for name in sorted(files):
@@ -167,9 +168,14 @@ def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
             if not readable_image(path):
                 bad.append(path)
                 continue
-            items.append((path, read_caption(path, caption_ext, class_tokens)))
+            try:
+                items.append((path, read_caption(path, caption_ext, class_tokens)))
+            except NotUTF8 as e:
+                not_utf8.append(e)
     if bad:
         print(f"{len(bad)} unreadable image(s) skipped in {root}")
+    if not_utf8:
+        raise lumina2.BadInput(not_utf8_message(not_utf8))
     if not items:
         raise ValueError(f"no usable images in {root!r} (looked for {', '.join(IMAGE_EXTS)}{', recursively' if recursive else ''})")
     return items
@@ -198,8 +204,45 @@ def read_caption(image_path, caption_ext, class_tokens=None):
             return class_tokens
         warnings.warn(f"no caption file {path} for {image_path}; using the empty caption")
         return ""
-    with open(path, encoding="utf-8-sig") as f:
-        return f.read().strip()
+    return read_text(path).strip()
+
+
+class NotUTF8(lumina2.BadInput):
+    """A text file that does not decode as UTF-8: its path, and where its first bad byte is."""
+
+    def __init__(self, path):
+        self.path, self.where = path, first_bad_byte(path)
+        super().__init__(f"{path} is not UTF-8 ({self.where}): re-save it as UTF-8")
+
+
+def first_bad_byte(path):
+    """Where a file stops being UTF-8: "byte 0xff at offset 1234", counted from the file's start (a BOM included)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:  # e.start counts from after the BOM
+        return f"byte 0x{raw[bom + e.start]:02x} at offset {bom + e.start}"
+    return "it decodes now: it changed while it was read"
+
+
+def read_text(path):
+    """A UTF-8 text file (a leading BOM dropped) -> str; not UTF-8: NotUTF8, which names the file and the
+    offset (Python's UnicodeDecodeError names neither the file nor, past its first read chunk, the offset)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise NotUTF8(path) from None
+
+
+def not_utf8_message(errors, shown=10):
+    """One message for many NotUTF8: the first `shown` files with their offsets, and the count."""
+    lines = [f"  {e.path}: {e.where}" for e in errors[:shown]]
+    more = [f"  ... and {len(errors) - shown} more"] if len(errors) > shown else []
+    return "\n".join([f"{len(errors)} caption file(s) are not UTF-8; re-save them as UTF-8 (in most editors: "
+                      f"Save As, encoding UTF-8):"] + lines + more)
 
 
 def scan_metadata(metadata_file, image_dir=None):
@@ -207,8 +250,7 @@ def scan_metadata(metadata_file, image_dir=None):
     (path, caption), sorted by key. A key is an image's path, or its name (with or without the extension)
     inside image_dir; the caption is the caption and the tags joined with ", ". A missing or unreadable
     image is reported and skipped."""
-    with open(metadata_file, encoding="utf-8-sig") as f:
-        meta = json.load(f)
+    meta = read_metadata(metadata_file)
     items, missing = [], []
     for key in sorted(meta):
         path = find_image(key, image_dir)
@@ -225,6 +267,19 @@ def scan_metadata(metadata_file, image_dir=None):
     if not items:
         raise ValueError(f"no usable images listed in {metadata_file!r} (image_dir {image_dir!r})")
     return items
+
+
+def read_metadata(path):
+    """A metadata_file -> its dict {image key: {"caption": ..., "tags": ...}}. A file that is not UTF-8, not
+    valid JSON (named with the line and column) or not such an object raises BadInput naming it."""
+    try:
+        meta = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise lumina2.BadInput(f"{path!r} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}; fix it "
+                               f"(a JSON checker such as python -m json.tool {path} points at it)") from None
+    if not (isinstance(meta, dict) and all(isinstance(v, dict) for v in meta.values())):
+        raise lumina2.BadInput(f"{path!r} is not a JSON object of {{image: {{\"caption\": ..., \"tags\": ...}}}}")
+    return meta
 
 
 def find_image(key, image_dir):
@@ -421,14 +476,11 @@ def check_sources(s, own, name, bad):
             if key in own:
                 bad(name, key, "has no effect with metadata_file (the captions come from the JSON file)")
         try:
-            with open(s["metadata_file"], encoding="utf-8-sig") as f:
-                meta = json.load(f)
-            if not (isinstance(meta, dict) and all(isinstance(v, dict) for v in meta.values())):
-                bad(name, "metadata_file", f"{s['metadata_file']!r} is not a JSON object of {{image: {{\"caption\": ..., \"tags\": ...}}}}")
+            read_metadata(s["metadata_file"])
         except FileNotFoundError:
             bad(name, "metadata_file", f"{s['metadata_file']!r} does not exist")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            bad(name, "metadata_file", f"{s['metadata_file']!r} is not valid JSON: {e}")
+        except lumina2.BadInput as e:
+            bad(name, "metadata_file", str(e))
 
 
 def folder_subset(root, **values):

@@ -285,6 +285,32 @@ def test_scan_empty_folder_is_a_clear_error(tmp_path):
         data.scan_folder(str(tmp_path / "missing"))
 
 
+def test_captions_not_utf8_are_all_listed_with_offsets(tmp_path):
+    data.make_demo_dataset(str(tmp_path), n=14)
+    for k in range(12):  # Latin-1 "café" in 12 of the 14 captions: 0xe9 is not UTF-8
+        (tmp_path / f"shape_{k:03d}.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "shape_000.txt").write_bytes(b"\xef\xbb\xbf" + b"a" * 10000 + b"\xe9")  # past Python's first read chunk, after a BOM
+    with pytest.raises(lumina2.BadInput) as e:
+        data.Dataset(str(tmp_path), resolution=64)
+    said = str(e.value)
+    assert "12 caption file(s) are not UTF-8" in said and "re-save them as UTF-8" in said and "and 2 more" in said
+    assert sum(os.path.join(str(tmp_path), "shape_") in line for line in said.splitlines()) == 10
+    assert f"{tmp_path / 'shape_000.txt'}: byte 0xe9 at offset 10003" in said
+    assert f"{tmp_path / 'shape_001.txt'}: byte 0xe9 at offset 3" in said
+    assert str(tmp_path / "shape_012.txt") not in said
+
+
+def test_metadata_file_not_utf8_or_not_json_names_the_place(tmp_path):
+    data.make_demo_dataset(str(tmp_path / "img"), n=1)
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(b'{"shape_000": {"caption": "caf\xe9"}}')
+    with pytest.raises(lumina2.BadInput, match=r"meta\.json is not UTF-8 \(byte 0xe9 at offset 30\): re-save it as UTF-8"):
+        data.scan_metadata(str(meta), str(tmp_path / "img"))
+    meta.write_text('{"shape_000": {"caption": "a"},\n "shape_001" {"caption": "b"}}')
+    with pytest.raises(lumina2.BadInput, match=r"meta\.json' is not valid JSON: line 2, column 14: Expecting ':' delimiter"):
+        data.scan_metadata(str(meta), str(tmp_path / "img"))
+
+
 def test_demo_dataset_is_deterministic(tmp_path):
     a = data.make_demo_dataset(str(tmp_path / "a"), n=6)
     b = data.make_demo_dataset(str(tmp_path / "b"), n=6)
