@@ -769,8 +769,11 @@ class Dataset:
                 todo.append((caption, text, file))
         todo.sort(key=lambda t: len(t[0]))  # similar lengths together: less padding per batch
         jobs = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+        source = self.caption_sources()
         for job in tqdm(jobs, desc="encoding captions", disable=not jobs):
-            feats, mask = text_encoder([c for c, _, _ in job], system_prompt)  # (B, L, D), (B, L)
+            captions = [c for c, _, _ in job]
+            names = [source[c] for c in captions]  # for the truncation warning
+            feats, mask = text_encoder(captions, system_prompt, names)  # (B, L, D), (B, L)
             for (caption, text, file), f, m in zip(job, feats.cpu(), mask.cpu()):
                 f = f[:min(int(m.sum()), max_length)].clone()  # (L_i, D) valid tokens only
                 if file:
@@ -778,6 +781,19 @@ class Dataset:
                 self.text[caption] = file or f
         print(f"text cache: reused {reused} / encoded {len(todo)}")
         return reused, len(todo)
+
+    def caption_sources(self):
+        """caption text -> where it came from, for messages: the caption file of the first image using it, or
+        the image itself when the caption came from a metadata_file, class_tokens or no file at all."""
+        source = {}
+        for i, (path, _) in enumerate(self.items):
+            sub = self.subset(i)
+            file = os.path.splitext(path)[0] + sub["caption_extension"]
+            where = file if sub["metadata_file"] is None and os.path.exists(file) else path
+            for text in self.texts[i]:
+                source.setdefault(text, where)
+        source.setdefault("", "the empty caption (caption dropout)")
+        return source
 
     def epoch_plan(self, batch_size, seed, epoch, caption_dropout=0.0):
         """The whole epoch as lists of (index, flipped, caption text), from (seed, epoch) only: shuffle each

@@ -408,6 +408,25 @@ def test_text_cache_reuse_and_rebuild(demo, te, tmp_path, monkeypatch):
     torch.testing.assert_close(data.cache_get(ds.text, caption), feats[0, : int(mask.sum())], atol=1e-5, rtol=1e-5)
 
 
+def test_truncation_warning_names_the_caption_file(demo, weights):
+    """The demo prompts are 55 to 70 tokens with the system prompt; one caption made 150 tokens long is the one
+    truncated at 100, and its warning names its file and quotes it (not the system prompt every prompt starts with)."""
+    te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32, max_length=100)
+    long = "a red circle on a white background " * 8
+    with open(os.path.join(demo, "shape_003.txt"), "w") as f:
+        f.write(long)
+    ds = data.Dataset(demo, resolution=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds.cache_text(te, SYS, 256)
+    said = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    assert len(said) == 1, said
+    assert said[0].startswith(os.path.join(demo, "shape_003.txt") + ": caption of ")
+    assert "truncated to 100 tokens (gemma2_max_token_length" in said[0] and f"it starts {long.strip()[:60]!r}" in said[0]
+    with pytest.warns(UserWarning, match=r"^prompt of \d+ tokens truncated to 100 tokens"):  # a bare prompt, unnamed
+        te.tokenize([long * 2])
+
+
 def test_dataset_holds_no_model(demo, weights):
     ae = lumina2.load_ae(weights["ae"], dtype=torch.float32)
     te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
