@@ -15,6 +15,7 @@ produced them, so a changed setting re-encodes and nothing goes stale.
     python -c "import data; print(data.make_demo_weights('out/demo/weights'))"
     python -c "import data; print(data.make_demo_dataset('out/demo/images'))"
 """
+import codecs
 import contextlib
 import difflib
 import hashlib
@@ -34,7 +35,9 @@ from tqdm import tqdm
 import lumina2
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-PREPROCESS = "cover-lanczos-centre-crop-v1"  # part of the latent fingerprint: change it when the pixel pipeline changes
+# part of the latent fingerprint: change it when the pixel pipeline changes (v2: more than 8 bits scaled, not clipped;
+# v3: only the kept box is resized, exactly centred, instead of resizing all and cropping at whole pixels)
+PREPROCESS = "lanczos-centre-box-v3"
 
 # -----------------------------------------------------------------------------
 # aspect buckets and pixels
@@ -72,26 +75,77 @@ def image_size(path):
 
 
 def load_image(path):
-    """-> RGB PIL image, EXIF rotation applied, transparency composited over white (not black)."""
+    """-> RGB PIL image, EXIF rotation applied, more than 8 bits per sample scaled down (not clipped),
+    transparency composited over white (not black)."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
+        img = to_8bit(ImageOps.exif_transpose(img))
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
             img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
         return img.convert("RGB")
 
 
-def resize_cover_crop(img, w, h):
-    """Resize (LANCZOS) so the image covers w x h, keeping its aspect, then cut the centre w x h."""
-    scale = max(w / img.width, h / img.height)
-    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
-    img = img.resize((nw, nh), Image.LANCZOS)
-    left, top = (nw - w) // 2, (nh - h) // 2
-    return img.crop((left, top, left + w, top + h))
+def to_8bit(img):
+    """A greyscale image of more than 8 bits per pixel (PIL modes I;16*, I, F) -> mode L, or LA when it has a
+    transparent value; any other image unchanged. Pillow's own convert("L"/"RGB") clips these modes to
+    0..255, so a 16-bit PNG (0..65535) comes out almost white. 16-bit RGB(A) and grey+alpha PNGs need none
+    of this: Pillow opens them as 8-bit RGB(A), already scaled. Scaling: I;16* / 257 (65535 -> 255); I
+    (32-bit int, what some Pillow versions give a 16-bit PNG) / 257 when its max exceeds 255, else as is;
+    F (float) x 255 when it lies in [0, 1], else clipped."""
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    a = np.nan_to_num(np.asarray(img).astype(np.float64))  # (H, W)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.max() > 255):
+        v = a / 257
+    elif img.mode == "F" and a.min() >= 0 and a.max() <= 1:
+        v = a * 255
+    else:
+        v = a
+    grey = Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8), "L")
+    key = img.info.get("transparency")
+    if isinstance(key, (int, float)):  # a PNG tRNS grey value, in the image's own scale
+        alpha = Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (grey, alpha))
+    return grey
+
+
+def resize_cover_crop(img, w, h, path=None):
+    """The centre w x h of the image resized (LANCZOS) to cover w x h, keeping its aspect. Only the region
+    that is kept is resized, in one call (a box in source pixels, fractional), so an extreme strip never
+    becomes a huge intermediate: 20000 x 20 at 512 x 512 would otherwise be resized to 512000 x 512 first.
+    With `path` (the image's file), an extreme upscale or crop is warned about, once per file."""
+    W, H = img.size
+    if w * H >= h * W:  # the kept region (bw x bh source px, aspect w:h) spans the whole width...
+        bw, bh = W, h * W / w
+    else:  # ...or the whole height; the spanned side is exact, so the box never leaves the image
+        bw, bh = w * H / h, H
+    left, top = (W - bw) / 2, (H - bh) / 2
+    if path is not None:
+        warn_extreme(path, w / bw, bw * bh / (W * H))
+    return img.resize((w, h), Image.LANCZOS, box=(left, top, min(W, left + bw), min(H, top + bh)))
+
+
+WARNED = set()  # (path, kind) already warned about in this process: a file resized again (flipped, re-cached) warns once
+MAX_UPSCALE, MIN_KEPT = 4.0, 0.5
+
+
+def warn_extreme(path, scale, kept):
+    """Warn once per file when its bucket enlarges it more than MAX_UPSCALE times (it trains blurred) or the
+    centre crop keeps less than MIN_KEPT of its area (most of the picture never trains). scale: output px
+    per source px; kept: the fraction of the image's area inside the crop."""
+    path = os.path.abspath(path)
+    if scale > MAX_UPSCALE and (path, "upscale") not in WARNED:
+        WARNED.add((path, "upscale"))
+        warnings.warn(f"{path}: upscaled {scale:.1f}x to fill its bucket (more than {MAX_UPSCALE:g}x), so it trains "
+                      f"blurred; use a larger image, or train it at a lower resolution")
+    if kept < MIN_KEPT and (path, "crop") not in WARNED:
+        WARNED.add((path, "crop"))
+        warnings.warn(f"{path}: the centre crop to its bucket keeps {kept:.1%} of the image (less than {MIN_KEPT:.0%}); "
+                      f"crop it yourself to an aspect of at most 4:1 to choose what trains")
 
 
 def to_tensor(img):
-    """PIL image -> (3, H, W) fp32 in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+    """PIL image -> (3, H, W) fp32 in [-1, 1]; a 16-bit or float greyscale image is scaled as load_image does."""
+    x = torch.from_numpy(np.asarray(to_8bit(img).convert("RGB"), dtype=np.uint8).copy())  # (H, W, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 
 # -----------------------------------------------------------------------------
@@ -101,10 +155,10 @@ def to_tensor(img):
 def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
     """All images under root (sorted; recursive, or only those directly inside as sd-scripts' image_dir)
     -> list of (path, caption). A missing caption file gives class_tokens, or "" with a warning; an image
-    that fails to decode is reported and skipped."""
+    that fails to decode is reported and skipped; caption files that are not UTF-8 are all listed in one BadInput."""
     if not os.path.isdir(root):
         raise ValueError(f"dataset folder {root!r} does not exist or is not a folder")
-    items, bad = [], []
+    items, bad, not_utf8 = [], [], []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(dirs) if recursive else []
         for name in sorted(files):
@@ -114,9 +168,14 @@ def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
             if not readable_image(path):
                 bad.append(path)
                 continue
-            items.append((path, read_caption(path, caption_ext, class_tokens)))
+            try:
+                items.append((path, read_caption(path, caption_ext, class_tokens)))
+            except NotUTF8 as e:
+                not_utf8.append(e)
     if bad:
         print(f"{len(bad)} unreadable image(s) skipped in {root}")
+    if not_utf8:
+        raise lumina2.BadInput(not_utf8_message(not_utf8))
     if not items:
         raise ValueError(f"no usable images in {root!r} (looked for {', '.join(IMAGE_EXTS)}{', recursively' if recursive else ''})")
     return items
@@ -145,8 +204,45 @@ def read_caption(image_path, caption_ext, class_tokens=None):
             return class_tokens
         warnings.warn(f"no caption file {path} for {image_path}; using the empty caption")
         return ""
-    with open(path, encoding="utf-8-sig") as f:
-        return f.read().strip()
+    return read_text(path).strip()
+
+
+class NotUTF8(lumina2.BadInput):
+    """A text file that does not decode as UTF-8: its path, and where its first bad byte is."""
+
+    def __init__(self, path):
+        self.path, self.where = path, first_bad_byte(path)
+        super().__init__(f"{path} is not UTF-8 ({self.where}): re-save it as UTF-8")
+
+
+def first_bad_byte(path):
+    """Where a file stops being UTF-8: "byte 0xff at offset 1234", counted from the file's start (a BOM included)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:  # e.start counts from after the BOM
+        return f"byte 0x{raw[bom + e.start]:02x} at offset {bom + e.start}"
+    return "it decodes now: it changed while it was read"
+
+
+def read_text(path):
+    """A UTF-8 text file (a leading BOM dropped) -> str; not UTF-8: NotUTF8, which names the file and the
+    offset (Python's UnicodeDecodeError names neither the file nor, past its first read chunk, the offset)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise NotUTF8(path) from None
+
+
+def not_utf8_message(errors, shown=10):
+    """One message for many NotUTF8: the first `shown` files with their offsets, and the count."""
+    lines = [f"  {e.path}: {e.where}" for e in errors[:shown]]
+    more = [f"  ... and {len(errors) - shown} more"] if len(errors) > shown else []
+    return "\n".join([f"{len(errors)} caption file(s) are not UTF-8; re-save them as UTF-8 (in most editors: "
+                      f"Save As, encoding UTF-8):"] + lines + more)
 
 
 def scan_metadata(metadata_file, image_dir=None):
@@ -154,8 +250,7 @@ def scan_metadata(metadata_file, image_dir=None):
     (path, caption), sorted by key. A key is an image's path, or its name (with or without the extension)
     inside image_dir; the caption is the caption and the tags joined with ", ". A missing or unreadable
     image is reported and skipped."""
-    with open(metadata_file, encoding="utf-8-sig") as f:
-        meta = json.load(f)
+    meta = read_metadata(metadata_file)
     items, missing = [], []
     for key in sorted(meta):
         path = find_image(key, image_dir)
@@ -172,6 +267,19 @@ def scan_metadata(metadata_file, image_dir=None):
     if not items:
         raise ValueError(f"no usable images listed in {metadata_file!r} (image_dir {image_dir!r})")
     return items
+
+
+def read_metadata(path):
+    """A metadata_file -> its dict {image key: {"caption": ..., "tags": ...}}. A file that is not UTF-8, not
+    valid JSON (named with the line and column) or not such an object raises BadInput naming it."""
+    try:
+        meta = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise lumina2.BadInput(f"{path!r} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}; fix it "
+                               f"(a JSON checker such as python -m json.tool {path} points at it)") from None
+    if not (isinstance(meta, dict) and all(isinstance(v, dict) for v in meta.values())):
+        raise lumina2.BadInput(f"{path!r} is not a JSON object of {{image: {{\"caption\": ..., \"tags\": ...}}}}")
+    return meta
 
 
 def find_image(key, image_dir):
@@ -368,14 +476,11 @@ def check_sources(s, own, name, bad):
             if key in own:
                 bad(name, key, "has no effect with metadata_file (the captions come from the JSON file)")
         try:
-            with open(s["metadata_file"], encoding="utf-8-sig") as f:
-                meta = json.load(f)
-            if not (isinstance(meta, dict) and all(isinstance(v, dict) for v in meta.values())):
-                bad(name, "metadata_file", f"{s['metadata_file']!r} is not a JSON object of {{image: {{\"caption\": ..., \"tags\": ...}}}}")
+            read_metadata(s["metadata_file"])
         except FileNotFoundError:
             bad(name, "metadata_file", f"{s['metadata_file']!r} does not exist")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            bad(name, "metadata_file", f"{s['metadata_file']!r} is not valid JSON: {e}")
+        except lumina2.BadInput as e:
+            bad(name, "metadata_file", str(e))
 
 
 def folder_subset(root, **values):
@@ -639,7 +744,8 @@ class Dataset:
 
     def pixels(self, i, flipped):
         """Image i, bucketed -> (3, h, w) in [-1, 1], mirrored left-right when flipped."""
-        x = to_tensor(resize_cover_crop(load_image(self.items[i][0]), *self.buckets[i]))
+        path = self.items[i][0]
+        x = to_tensor(resize_cover_crop(load_image(path), *self.buckets[i], path=path))
         return x.flip(-1) if flipped else x
 
     @torch.no_grad()
@@ -663,8 +769,11 @@ class Dataset:
                 todo.append((caption, text, file))
         todo.sort(key=lambda t: len(t[0]))  # similar lengths together: less padding per batch
         jobs = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+        source = self.caption_sources()
         for job in tqdm(jobs, desc="encoding captions", disable=not jobs):
-            feats, mask = text_encoder([c for c, _, _ in job], system_prompt)  # (B, L, D), (B, L)
+            captions = [c for c, _, _ in job]
+            names = [source[c] for c in captions]  # for the truncation warning
+            feats, mask = text_encoder(captions, system_prompt, names)  # (B, L, D), (B, L)
             for (caption, text, file), f, m in zip(job, feats.cpu(), mask.cpu()):
                 f = f[:min(int(m.sum()), max_length)].clone()  # (L_i, D) valid tokens only
                 if file:
@@ -672,6 +781,19 @@ class Dataset:
                 self.text[caption] = file or f
         print(f"text cache: reused {reused} / encoded {len(todo)}")
         return reused, len(todo)
+
+    def caption_sources(self):
+        """caption text -> where it came from, for messages: the caption file of the first image using it, or
+        the image itself when the caption came from a metadata_file, class_tokens or no file at all."""
+        source = {}
+        for i, (path, _) in enumerate(self.items):
+            sub = self.subset(i)
+            file = os.path.splitext(path)[0] + sub["caption_extension"]
+            where = file if sub["metadata_file"] is None and os.path.exists(file) else path
+            for text in self.texts[i]:
+                source.setdefault(text, where)
+        source.setdefault("", "the empty caption (caption dropout)")
+        return source
 
     def epoch_plan(self, batch_size, seed, epoch, caption_dropout=0.0):
         """The whole epoch as lists of (index, flipped, caption text), from (seed, epoch) only: shuffle each

@@ -613,15 +613,20 @@ class TextEncoder(nn.Module):
         self.model = Gemma2Model(cut)
         self.model.norm = nn.Identity()  # the features are taken before the final norm
 
-    def tokenize(self, texts):
+    def tokenize(self, texts, names=None, captions=None):
         """-> ids (B, L) long and mask (B, L) bool: [BOS] + pieces, no EOS, truncated to max_length,
-        right-padded with 0 to the longest in the batch."""
+        right-padded with 0 to the longest in the batch. A truncated text is warned about, quoting its
+        caption (captions: one per text, default the text itself) and led by its name (names: one label per
+        text, such as the caption's file)."""
         bos, pad = self.config.bos_token_id, self.config.pad_token_id
+        what = "prompt" if captions is None else "caption"
+        counted = "" if captions is None else ", counting the system prompt"
         rows = []
-        for text in texts:
+        for text, name, caption in zip(texts, names or [None] * len(texts), captions or texts):
             ids = [bos] + self.sp.encode(text)
             if len(ids) > self.max_length:
-                warnings.warn(f"prompt of {len(ids)} tokens truncated to {self.max_length}: {text[:60]!r}...")
+                warnings.warn(f"{name + ': ' if name else ''}{what} of {len(ids)} tokens truncated to {self.max_length} tokens "
+                              f"(gemma2_max_token_length{counted}); it starts {caption[:60]!r}")
             rows.append(ids[: self.max_length])
         L = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows])
@@ -629,9 +634,10 @@ class TextEncoder(nn.Module):
         return ids, mask
 
     @torch.no_grad()
-    def forward(self, captions, system_prompt=SYSTEM_PROMPTS["base"]):
-        """captions: list of str -> (features (B, L, hidden) in the weight dtype, mask (B, L) bool)."""
-        ids, mask = self.tokenize([build_prompt(c, system_prompt) for c in captions])
+    def forward(self, captions, system_prompt=SYSTEM_PROMPTS["base"], names=None):
+        """captions: list of str -> (features (B, L, hidden) in the weight dtype, mask (B, L) bool). names: one
+        label per caption (its file, say) for the truncation warning."""
+        ids, mask = self.tokenize([build_prompt(c, system_prompt) for c in captions], names, captions)
         dev = self.model.embed_tokens.weight.device
         ids, mask = ids.to(dev), mask.to(dev)
         return self.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state, mask

@@ -8,11 +8,16 @@ CPU only, offline, tiny random models from data.make_demo_weights.
 import gc
 import math
 import os
+import struct
+import time
+import warnings
 import weakref
+import zlib
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
 import data
 import lumina2
@@ -79,10 +84,150 @@ def test_resize_cover_crop_keeps_the_centre():
     assert wide.size == (80, 48)
 
 
+def resize_then_crop(img, w, h):
+    """The former pipeline: resize the whole image to cover w x h, then cut the centre at whole pixels."""
+    scale = max(w / img.width, h / img.height)
+    nw, nh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return img.resize((nw, nh), Image.LANCZOS).crop((left, top, left + w, top + h))
+
+
+def photo_like(w, h, seed=0):
+    """Smooth colour gradients, 30 discs with soft edges and fine grain: detail at every scale, as in a photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    base = np.stack([128 + 100 * np.sin(6 * x + 3 * y), 128 + 100 * np.cos(5 * y - 2 * x), 128 + 90 * np.sin(9 * x * y)], -1)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(30):
+        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(5, 60)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    img = np.asarray(img.filter(ImageFilter.GaussianBlur(1.5)), dtype=float)
+    grain = Image.fromarray(np.clip(128 + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1))
+    return Image.fromarray(np.clip(img + np.asarray(grain, dtype=float) - 128, 0, 255).astype(np.uint8))
+
+
+def test_crop_box_matches_resize_then_crop():
+    # where the former pipeline's sizes and offsets were whole pixels, the box gives the very same pixels
+    for (W, H), (w, h) in [((640, 480), (512, 384)), ((300, 200), (512, 512)), ((1920, 1080), (1024, 576))]:
+        img = photo_like(W, H)
+        assert np.array_equal(np.asarray(data.resize_cover_crop(img, w, h)), np.asarray(resize_then_crop(img, w, h)))
+    # elsewhere the former one rounded the size and floored the offset: up to half an output pixel off centre
+    # (1000 x 700 -> 731 x 512, cut from x = 109, where the centre is at 109.5). Measured here: mean |diff|
+    # 0.97/255, max 43/255 at the discs' edges, 99% of values within 9/255; the box is the exact centre.
+    img = photo_like(1000, 700)
+    diff = np.abs(np.asarray(data.resize_cover_crop(img, 512, 512), dtype=float) - np.asarray(resize_then_crop(img, 512, 512), dtype=float))
+    assert diff.mean() < 1.5 and diff.max() < 64 and np.percentile(diff, 99) <= 12
+
+
+def test_extreme_strip_is_not_resized_whole(monkeypatch):
+    """A 20000 x 4 strip at 512 x 128: resize-then-crop makes a 640000 x 128 image first (about 1 s; 20000 x 20
+    at 512 x 512 makes 512000 x 512, 1 GB and 4 s); the box resizes straight to 512 x 128."""
+    sizes, resize = [], Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    img = Image.new("RGB", (20000, 4), (10, 200, 30))
+    t = time.perf_counter()
+    out = data.resize_cover_crop(img, 512, 128)
+    seconds = time.perf_counter() - t
+    assert out.size == (512, 128) and np.asarray(out)[64, 256].tolist() == [10, 200, 30]
+    assert sizes and all(w * h <= 512 * 128 for w, h in sizes), sizes
+    assert seconds < 0.5, seconds  # measured 0.001 s
+
+
+def test_extreme_upscale_and_crop_warn_once_per_file(tmp_path):
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "tiny.png")  # 8 x 8 at 256 x 256: 32x
+    Image.new("RGB", (2000, 64), (0, 200, 0)).save(tmp_path / "strip.png")  # 2x into 512 x 128, which keeps 256 x 64 of it
+    Image.new("RGB", (300, 240), (0, 0, 200)).save(tmp_path / "normal.png")
+    for name in ("tiny", "strip", "normal"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    ds = data.Dataset(str(tmp_path), resolution=256, flip=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # loaded twice, and mirrored: still one warning per file and kind
+            for i in range(len(ds)):
+                ds.pixels(i, False), ds.pixels(i, True)
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 2, said
+    assert said[0].startswith(str(tmp_path / "strip.png")) and "keeps 12.8% of the image" in said[0]
+    assert said[1].startswith(str(tmp_path / "tiny.png")) and "upscaled 32.0x" in said[1]
+
+
 def test_to_tensor_range():
     x = data.to_tensor(Image.new("RGB", (4, 2), (0, 255, 128)))
     assert x.shape == (3, 2, 4)
     assert x[0].eq(-1).all() and x[1].eq(1).all() and abs(x[2, 0, 0].item() - (128 / 127.5 - 1)) < 1e-6
+
+def write_png16(path, a, transparent=None):
+    """A 16-bit PNG written from the spec (Pillow cannot write 16-bit RGB): a (H, W) uint16 array as greyscale
+    (colour type 0), (H, W, 3) as RGB (colour type 2); `transparent`: a grey value made transparent (tRNS)."""
+    h, w = a.shape[:2]
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if a.ndim == 2 else 2, 0, 0, 0)
+    extra = chunk(b"tRNS", struct.pack(">H", transparent)) if transparent is not None else b""
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def to_8bit_reference(a):
+    """round(v / 257) in integers: 16-bit 0..65535 -> 8-bit 0..255."""
+    return (a.astype(np.int64) * 255 + 32767) // 65535
+
+
+def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 16).round().astype(np.uint16).reshape(16, 64)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16")  # what Pillow opens it as: convert() would clip it
+    got = np.asarray(data.load_image(str(tmp_path / "g16.png"))).astype(int)  # (16, 64, 3)
+    want = to_8bit_reference(ramp)
+    assert np.abs(got - want[..., None]).max() <= 1
+    Image.fromarray(want.astype(np.uint8), "L").save(tmp_path / "g8.png")  # the same picture, written in 8 bits
+    x16, x8 = (data.to_tensor(data.load_image(str(tmp_path / f))) for f in ("g16.png", "g8.png"))
+    assert (x16 - x8).abs().max() <= 1 / 127.5 + 1e-6
+    write_png16(tmp_path / "t16.png", ramp, transparent=0)  # 16-bit tRNS: the black corner is transparent -> white
+    t = np.asarray(data.load_image(str(tmp_path / "t16.png"))).astype(int)
+    assert (t[0, 0] == 255).all() and np.abs(t[:, 1:] - want[:, 1:, None]).max() <= 1
+
+
+def test_16bit_mid_grey_trains_as_mid_grey(tmp_path):
+    (tmp_path / "grey").mkdir()
+    Image.fromarray(np.full((64, 64), 32896, np.uint16)).save(tmp_path / "grey" / "g.png")  # 32896 = 128 x 257
+    (tmp_path / "grey" / "g.txt").write_text("grey")
+    ds = data.Dataset(str(tmp_path / "grey"), resolution=64)
+    x = ds.pixels(0, False)  # what the AE encodes; the old convert("RGB") gave a mean of about +0.99 (white)
+    assert abs(x.mean().item() - (128 / 127.5 - 1)) < 1e-3
+    assert abs(data.to_tensor(Image.open(tmp_path / "grey" / "g.png")).mean().item() - (128 / 127.5 - 1)) < 1e-3
+
+
+def test_high_bit_depth_modes_in_memory():
+    ramp = np.linspace(0, 65535, 256).round().reshape(4, 64)
+    want = to_8bit_reference(ramp.astype(np.uint16))
+    as_int = data.to_8bit(Image.fromarray(ramp.astype(np.int32)))  # mode I, as some Pillow versions open 16-bit PNGs
+    assert as_int.mode == "L" and np.abs(np.asarray(as_int).astype(int) - want).max() <= 1
+    small = np.arange(256, dtype=np.int32).reshape(4, 64)  # mode I holding 8-bit values: kept as they are
+    assert np.array_equal(np.asarray(data.to_8bit(Image.fromarray(small))), small)
+    unit = data.to_8bit(Image.fromarray((ramp / 65535).astype(np.float32)))  # mode F in [0, 1]: x 255
+    assert np.abs(np.asarray(unit).astype(int) - want).max() <= 1
+    wide = data.to_8bit(Image.fromarray(np.array([[-5, 0, 100.4, 300]], np.float32)))  # mode F outside [0, 1]: clipped
+    assert np.asarray(wide).tolist() == [[0, 0, 100, 255]]
+
+
+def test_16bit_rgb_png_opens_scaled(tmp_path):
+    """Pillow cannot write a 48-bit PNG (Image.fromarray refuses (H, W, 3) uint16), so the file is written
+    by hand; Pillow opens it as 8-bit RGB, already scaled (it keeps the high byte, within 1 of round(v/257))."""
+    rgb = np.random.default_rng(0).integers(0, 65536, (8, 16, 3)).astype(np.uint16)
+    write_png16(tmp_path / "rgb48.png", rgb)
+    got = np.asarray(data.load_image(str(tmp_path / "rgb48.png"))).astype(int)
+    assert np.abs(got - to_8bit_reference(rgb)).max() <= 1
+
 
 def test_exif_rotation_and_transparency(tmp_path):
     exif = Image.Exif()
@@ -138,6 +283,32 @@ def test_scan_empty_folder_is_a_clear_error(tmp_path):
     assert str(tmp_path) in str(e.value)
     with pytest.raises(ValueError, match="does not exist"):
         data.scan_folder(str(tmp_path / "missing"))
+
+
+def test_captions_not_utf8_are_all_listed_with_offsets(tmp_path):
+    data.make_demo_dataset(str(tmp_path), n=14)
+    for k in range(12):  # Latin-1 "café" in 12 of the 14 captions: 0xe9 is not UTF-8
+        (tmp_path / f"shape_{k:03d}.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "shape_000.txt").write_bytes(b"\xef\xbb\xbf" + b"a" * 10000 + b"\xe9")  # past Python's first read chunk, after a BOM
+    with pytest.raises(lumina2.BadInput) as e:
+        data.Dataset(str(tmp_path), resolution=64)
+    said = str(e.value)
+    assert "12 caption file(s) are not UTF-8" in said and "re-save them as UTF-8" in said and "and 2 more" in said
+    assert sum(os.path.join(str(tmp_path), "shape_") in line for line in said.splitlines()) == 10
+    assert f"{tmp_path / 'shape_000.txt'}: byte 0xe9 at offset 10003" in said
+    assert f"{tmp_path / 'shape_001.txt'}: byte 0xe9 at offset 3" in said
+    assert str(tmp_path / "shape_012.txt") not in said
+
+
+def test_metadata_file_not_utf8_or_not_json_names_the_place(tmp_path):
+    data.make_demo_dataset(str(tmp_path / "img"), n=1)
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(b'{"shape_000": {"caption": "caf\xe9"}}')
+    with pytest.raises(lumina2.BadInput, match=r"meta\.json is not UTF-8 \(byte 0xe9 at offset 30\): re-save it as UTF-8"):
+        data.scan_metadata(str(meta), str(tmp_path / "img"))
+    meta.write_text('{"shape_000": {"caption": "a"},\n "shape_001" {"caption": "b"}}')
+    with pytest.raises(lumina2.BadInput, match=r"meta\.json' is not valid JSON: line 2, column 14: Expecting ':' delimiter"):
+        data.scan_metadata(str(meta), str(tmp_path / "img"))
 
 
 def test_demo_dataset_is_deterministic(tmp_path):
@@ -235,6 +406,25 @@ def test_text_cache_reuse_and_rebuild(demo, te, tmp_path, monkeypatch):
     caption = ds.items[0][1]  # the cache holds the valid tokens of a direct encode
     feats, mask = te([caption], SYS)
     torch.testing.assert_close(data.cache_get(ds.text, caption), feats[0, : int(mask.sum())], atol=1e-5, rtol=1e-5)
+
+
+def test_truncation_warning_names_the_caption_file(demo, weights):
+    """The demo prompts are 55 to 70 tokens with the system prompt; one caption made 150 tokens long is the one
+    truncated at 100, and its warning names its file and quotes it (not the system prompt every prompt starts with)."""
+    te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32, max_length=100)
+    long = "a red circle on a white background " * 8
+    with open(os.path.join(demo, "shape_003.txt"), "w") as f:
+        f.write(long)
+    ds = data.Dataset(demo, resolution=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds.cache_text(te, SYS, 256)
+    said = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    assert len(said) == 1, said
+    assert said[0].startswith(os.path.join(demo, "shape_003.txt") + ": caption of ")
+    assert "truncated to 100 tokens (gemma2_max_token_length" in said[0] and f"it starts {long.strip()[:60]!r}" in said[0]
+    with pytest.warns(UserWarning, match=r"^prompt of \d+ tokens truncated to 100 tokens"):  # a bare prompt, unnamed
+        te.tokenize([long * 2])
 
 
 def test_dataset_holds_no_model(demo, weights):

@@ -236,7 +236,8 @@ CASES = [  # (config text, table, key, what the message says)
     ("[[datasets]]\n  [[datasets.subsets]]\n  num_repeats = 2", SUB, "image_dir", "a subset needs image_dir"),
     ("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{img}/missing'", SUB, "image_dir", "does not exist"),
     (GOOD + "  metadata_file = '{img}/none.json'\n", SUB, "metadata_file", "does not exist"),
-    (GOOD + "  metadata_file = '{img}/bad.json'\n", SUB, "metadata_file", "is not valid JSON"),
+    (GOOD + "  metadata_file = '{img}/bad.json'\n", SUB, "metadata_file", "is not valid JSON: line 1, column 2: Expecting property name"),
+    (GOOD + "  metadata_file = '{img}/latin1.json'\n", SUB, "metadata_file", "latin1.json is not UTF-8 (byte 0xe9 at offset 26): re-save it"),
     (GOOD + "  metadata_file = '{img}/list.json'\n", SUB, "metadata_file", "is not a JSON object"),
     (GOOD + "  metadata_file = '{img}/ok.json'\n  caption_extension = '.txt'\n", SUB, "caption_extension", "no effect with metadata_file"),
     (GOOD + "  [[datasets.subsets]]\n  image_dir = '{img}'\n", "[[datasets]] #1 / [[datasets.subsets]] #2", "image_dir",
@@ -263,6 +264,7 @@ def test_config_error(tmp_path, text, table, key, says):
     img = folder(tmp_path / "img")
     for name, content in [("bad.json", "{'single': quotes}"), ("list.json", "[1, 2]"), ("ok.json", "{}")]:
         write(tmp_path / "img" / name, content)
+    (tmp_path / "img" / "latin1.json").write_bytes(b'{"a.png": {"caption": "caf\xe9"}}')
     path = write(tmp_path / "c.toml", text.replace("{img}", img))
     with pytest.raises(ValueError) as e:
         data.read_dataset_config(path)
