@@ -157,7 +157,7 @@ def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
     -> list of (path, caption). A missing caption file gives class_tokens, or "" with a warning; an image
     that fails to decode is reported and skipped; caption files that are not UTF-8 are all listed in one BadInput."""
     if not os.path.isdir(root):
-        raise ValueError(f"dataset folder {root!r} does not exist or is not a folder")
+        raise lumina2.BadInput(f"dataset folder {root!r} does not exist or is not a folder")
     items, bad, not_utf8 = [], [], []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(dirs) if recursive else []
@@ -177,7 +177,7 @@ def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
     if not_utf8:
         raise lumina2.BadInput(not_utf8_message(not_utf8))
     if not items:
-        raise ValueError(f"no usable images in {root!r} (looked for {', '.join(IMAGE_EXTS)}{', recursively' if recursive else ''})")
+        raise lumina2.BadInput(f"no usable images in {root!r} (looked for {', '.join(IMAGE_EXTS)}{', recursively' if recursive else ''})")
     return items
 
 
@@ -265,7 +265,7 @@ def scan_metadata(metadata_file, image_dir=None):
     if missing:
         print(f"{metadata_file}: {len(missing)} image(s) not found, skipped: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if not items:
-        raise ValueError(f"no usable images listed in {metadata_file!r} (image_dir {image_dir!r})")
+        raise lumina2.BadInput(f"no usable images listed in {metadata_file!r} (image_dir {image_dir!r})")
     return items
 
 
@@ -377,9 +377,9 @@ def read_dataset_config(path, defaults=None):
         with open(path, "rb") as f:
             doc = tomllib.load(f)
     except FileNotFoundError:
-        raise ValueError(f"dataset_config {path!r} does not exist") from None
+        raise lumina2.BadInput(f"dataset_config {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML: {e}") from None
+        raise lumina2.BadInput(f"{path}: not valid TOML: {e}") from None
     problems = []
 
     def bad(table, key, message):
@@ -425,7 +425,7 @@ def read_dataset_config(path, defaults=None):
     if out and all(s["validation_split"] == 1 for s in out):
         bad("every [[datasets]]", "validation_split", "is 1: every image is held out for validation and none is left to train")
     if problems:
-        raise ValueError("\n".join(problems))
+        raise lumina2.BadInput("\n".join(problems))
     return out
 
 
@@ -681,7 +681,7 @@ class Dataset:
         if not reg:
             return
         if target == 0:
-            raise ValueError(f"{self.subset(reg[0])['table']}: is_reg images need training images in the same [[datasets]] to balance")
+            raise lumina2.BadInput(f"{self.subset(reg[0])['table']}: is_reg images need training images in the same [[datasets]] to balance")
         for i in reg:
             self.repeats[i] = 0
         n, first = 0, True
@@ -891,7 +891,7 @@ class DatasetGroup:
     def __init__(self, datasets):
         self.datasets = datasets
         if not any(any(ds.repeats) for ds in datasets):
-            raise ValueError("no training images: every image is held out for validation")
+            raise lumina2.BadInput("no training images: every image is held out for validation")
 
     def __len__(self):
         """Training images (validation images and unused regularisation images excluded)."""
