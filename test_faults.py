@@ -211,6 +211,9 @@ def test_every_log_line_is_strict_json_and_a_new_run_needs_resume_or_overwrite(w
     with pytest.raises(SystemExit, match="already holds a run named 't'.*--resume=True.*--overwrite=True"):
         run(weights, tmp_path, *args)
     assert snapshot(tmp_path / "out") == before  # refused before anything was written
+    with pytest.raises(SystemExit, match="does not exist"):  # overwrite, but the new run fails its checks
+        run(weights, tmp_path, *args, "--overwrite=True", f"--train_data_dir={tmp_path / 'typo'}")
+    assert snapshot(tmp_path / "out") == before  # so the old run is still there
     run(weights, tmp_path, *args, "--overwrite=True", "--learning_rate=1e-3")
     assert [r["step"] for r in strict_lines(log)] == [1, 2, 3]  # a new log, not the old one's steps again
 

@@ -752,7 +752,8 @@ def output_dir_lock(c, r):
 def check_output_dir(c, r):
     """A new run (resume=False) into a folder that holds this output_name's state or log is refused, so that a
     forgotten --resume=True cannot replace a long run's checkpoints with step 1's. overwrite=True starts over:
-    the old state and log are removed now, the old checkpoints are replaced as the new run saves its own.
+    the old state and log are removed when training starts (a run that fails its checks leaves them), and
+    the old checkpoints are replaced as the new run saves its own.
     A resume reads its state now, so that a damaged state or changed settings fail before the caching."""
     if c.resume:
         r.resume_state = read_resume_state(c, r)
@@ -764,8 +765,7 @@ def check_output_dir(c, r):
     if found and not c.overwrite:
         raise lumina2.BadInput(f"output_dir {c.output_dir} already holds a run named {c.output_name!r} ({', '.join(found)}): "
                                "continue it with --resume=True, start over with --overwrite=True, or choose another output_name")
-    for name in found:
-        os.remove(os.path.join(c.output_dir, name))
+    r.replaced = [os.path.join(c.output_dir, name) for name in found]
 
 
 def cut_log(path, step):
@@ -973,7 +973,7 @@ def flush_log(c, r):
 def train(c):
     """c: the config namespace. Returns a dict with the losses and the paths written."""
     r = SimpleNamespace(step=0, epoch=0, batch_in_epoch=0, losses=[], val_loss=None, pending=[], log=None, bar=None,
-                        last_finite=None, last_saved=None)
+                        last_finite=None, last_saved=None, replaced=[])
     world = int(os.environ.get("WORLD_SIZE", 1))
     validate(c, world)  # also sets the attention backend
     r.dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
@@ -1009,6 +1009,8 @@ def train_loop(c, r):
     if c.resume:
         resume_from(c, r)
 
+    for path in r.replaced:  # overwrite=True: the previous run's state and log
+        os.remove(path)
     # the loop: the loss, grad norm and sigma stay on the device; flush_log syncs once per logged step
     r.log = open(r.log_path, "a") if r.rank == 0 else None  # a new run found no log (check_output_dir); a resumed one was cut
     t0 = time.time()
