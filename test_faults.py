@@ -305,22 +305,27 @@ def resumable_step(out):
 def test_sigkill_at_random_moments_while_saving_every_step_always_resumes(weights, tmp_path):
     """The issue's 5 of 5, kept under test: a process killed with SIGKILL while it saves every step (each round
     at another moment) leaves a state that resumes, through the previous state when the kill fell between the
-    two renames; the next run takes over the dead run's lock and clears its partial temp files."""
+    two renames; the next run takes over the dead run's lock and clears its partial temp files. A SIGTERM
+    (kill, a scheduler) cleans up after itself."""
     folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
     out = tmp_path / "out"
     args = cli_args(weights) + [f"--train_data_dir={folder}", f"--output_dir={out}", "--save_every_n_steps=1",
                                 "--network_dim=4", "--max_train_steps=100000"]
     step = 0
-    for delay in (0.0, 0.137, 0.411):
-        p = subprocess.Popen([sys.executable, "-c", "import sys, train; train.main(sys.argv[1:])", *args,
-                              f"--resume={step > 0}"], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for delay, sig in ((0.0, signal.SIGKILL), (0.137, signal.SIGKILL), (0.411, signal.SIGKILL), (0.2, signal.SIGTERM)):
+        p = subprocess.Popen([sys.executable, "train.py", *args, f"--resume={step > 0}"], cwd=HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.time()  # wait until this round is saving (its second step file exists), then a little more
         while not os.path.exists(out / f"t-step{step + 2:06d}.safetensors") and p.poll() is None and time.time() - t0 < 120:
             time.sleep(0.005)
         time.sleep(delay)
-        p.send_signal(signal.SIGKILL)
+        p.send_signal(sig)
         p.wait()
-        assert p.returncode == -signal.SIGKILL
+        if sig == signal.SIGKILL:
+            assert p.returncode == -signal.SIGKILL
+        else:  # a SIGTERM exits through the cleanups: no temp file, no lock left behind
+            assert p.returncode == 128 + signal.SIGTERM
+            assert not [f for f in os.listdir(out) if f.endswith(".tmp")] and not os.path.exists(out / "train.lock")
         new = resumable_step(out)
         assert new is not None and new >= step + 1, (step, new)
         step = new

@@ -24,7 +24,9 @@ import math
 import os
 import random
 import re
+import signal
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -1109,4 +1111,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # SIGTERM (kill, a scheduler's timeout, torchrun stopping a failed job) exits through the cleanups: the
+    # temp file being written is removed, the lock released; the last complete checkpoint is resumable
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main()
