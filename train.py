@@ -10,7 +10,7 @@ Full fine-tuning keeps the weights in bf16 and steps each one through an fp32 co
 rounding (or fp32 master weights); Adafactor + fused_backward_pass fits 2.6B in one 16 GB budget.
 Under torchrun, DDP (LoRA or full) or FSDP2 (full) takes over; one process is the plain default.
 
-    python train.py config/demo.py                       # tiny random models + synthetic data, CPU, ~20 s
+    python train.py config/demo.py                       # tiny random models + synthetic data, CPU, under a minute
     python train.py config/lora_1024.py --train_data_dir=my_images --output_name=my_lora
     python train.py config/full_1024.py --train_data_dir=my_images     # full fine-tune, Adafactor, fused backward
     python train.py config/demo.py --resume=True          # continue from the last saved state
