@@ -983,8 +983,10 @@ def check_dit_preset(config, path):
                   f"meant the {name} model, this is the wrong file.", stacklevel=4)
 
 
-def check_dit(path):
-    """The DiT file's header checks, in the order a message is most useful: what it is, its tensors, its preset."""
+def inspect_dit(path):
+    """Every check load_dit makes before it reads tensor data, from the safetensors header alone (seconds for the
+    2B), in the order a message is most useful: what it is, its tensors, its preset -> Checked. Raises BadInput for
+    a missing, unreadable, wrong, truncated-to-fewer-layers or damaged file; warns for a config that is no preset."""
     wf = read_header(path, DIT_PREFIXES, "cap_embedder.1.weight", "a Lumina 2 Next-DiT (lumina_2_model_bf16.safetensors)")
     config = dit_config_from_shapes(wf.shapes)
     model = build_on_meta(NextDiT, config, wf)
@@ -993,16 +995,9 @@ def check_dit(path):
     return Checked(wf, config, model, scales)
 
 
-def inspect_dit(path):
-    """Every check load_dit makes before it reads tensor data, from the safetensors header alone (seconds for
-    the 2B) -> the NextDiT config. Raises BadInput for a missing, unreadable, wrong, truncated-to-fewer-layers
-    or damaged file; warns for a config that is no known preset."""
-    return check_dit(path).config
-
-
 def load_dit(path, dtype=torch.bfloat16, device="cpu"):
     """lumina_2_model_bf16.safetensors / lumina-image-2.safetensors / an all-in-one checkpoint -> NextDiT."""
-    c = check_dit(path)
+    c = inspect_dit(path)
     return load_weights(c.model, c.file, c.scales, dtype, device)
 
 
@@ -1024,23 +1019,18 @@ def ae_config_from_shapes(shapes):
                 out_ch=majority(sizes(shapes, ["decoder.conv_out.weight", "decoder.conv_out.bias"], 0), 3))
 
 
-def check_ae(path):
-    """The AE file's header checks: what it is, then its tensors against the model its shapes describe."""
+def inspect_ae(path):
+    """Every check load_ae makes before it reads tensor data, from the header alone: what it is, then its tensors
+    against the model its shapes describe -> Checked. Raises BadInput."""
     wf = read_header(path, AE_PREFIXES, "decoder.conv_in.weight", "the FLUX autoencoder (ae.safetensors)")
     config = ae_config_from_shapes(wf.shapes)
     model = build_on_meta(AutoEncoder, config, wf)
     return Checked(wf, config, model, check_tensors(wf, shapes_of(model)))
 
 
-def inspect_ae(path):
-    """Every check load_ae makes before it reads tensor data, from the header alone -> the AutoEncoder config.
-    Raises BadInput."""
-    return check_ae(path).config
-
-
 def load_ae(path, dtype=torch.bfloat16, device="cpu"):
     """ae.safetensors (BFL layout, also under a vae. prefix) -> AutoEncoder."""
-    c = check_ae(path)
+    c = inspect_ae(path)
     return load_weights(c.model, c.file, c.scales, dtype, device)
 
 
@@ -1084,8 +1074,9 @@ def tokenizer_proto(wf, tokenizer):
     return proto
 
 
-def check_text_encoder(path, tokenizer=None, max_length=256):
-    """The Gemma file's checks: what it is, its config, its tokenizer, then its tensors against that config."""
+def inspect_text_encoder(path, tokenizer=None, max_length=256):
+    """Every check load_text_encoder makes before it reads weight data, from the header and the small tokenizer
+    tensor (which must parse): what it is, its config, its tokenizer, its tensors against that config -> Checked."""
     wf = read_header(path, GEMMA_PREFIXES, "layers.0.post_feedforward_layernorm.weight", "the Gemma-2 text encoder (gemma_2_2b_fp16.safetensors)")
     config = gemma_config_of(wf)
     proto = tokenizer_proto(wf, tokenizer)
@@ -1095,18 +1086,12 @@ def check_text_encoder(path, tokenizer=None, max_length=256):
     return Checked(wf, config, te, scales)
 
 
-def inspect_text_encoder(path, tokenizer=None):
-    """Every check load_text_encoder makes before it reads weight data, from the header and the small tokenizer
-    tensor (which must parse) -> the Gemma2Config. Raises BadInput."""
-    return check_text_encoder(path, tokenizer).config
-
-
 def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", tokenizer=None, max_length=256):
     """gemma_2_2b_fp16.safetensors (or an all-in-one checkpoint) -> TextEncoder. The tokenizer comes from
     the embedded `spiece_model` tensor, or from `tokenizer` (a tokenizer.model file or a folder holding one).
     The config is gemma-2-2b's unless the file's metadata carries `gemma2_config` (tiny test files do). The file
     holds the last layer and final norm too (checked); they are not loaded, since the features come before them."""
-    c = check_text_encoder(path, tokenizer, max_length)
+    c = inspect_text_encoder(path, tokenizer, max_length)
     te = c.model
     load_weights(te.model, c.file, c.scales, dtype, device)
     # non-persistent buffers are not in the file: rebuild them off the meta device

@@ -45,7 +45,7 @@ def drop_prefix(*prefixes):
 
 
 def inspect(kind, path):
-    return getattr(lumina2, {"dit": "inspect_dit", "ae": "inspect_ae", "gemma": "inspect_text_encoder"}[kind])(path)
+    return getattr(lumina2, {"dit": "inspect_dit", "ae": "inspect_ae", "gemma": "inspect_text_encoder"}[kind])(path).config
 
 
 def load(kind, path):

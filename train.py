@@ -932,14 +932,6 @@ def validation_loss(c, r):
     return (total / n).item()
 
 
-def write_log(c, r, line):
-    try:
-        r.log.write(line)
-        r.log.flush()
-    except OSError as e:
-        raise stopped_writing(c, r, lumina2.WriteFailed(f"could not write {r.log_path} ({e.strerror or e})")) from None
-
-
 def flush_log(c, r):
     """Turn the logged steps' device scalars into numbers with one host sync, write them as strict JSON, and
     stop the run at the first step whose loss or gradient norm is not finite (every rank sees the same
@@ -947,7 +939,7 @@ def flush_log(c, r):
     if not r.pending:
         return
     flat = torch.cat([torch.cat([p["losses"], p["stats"]]) for p in r.pending]).tolist()  # the one sync
-    k, bad = 0, None
+    k, bad, lines = 0, None, []
     for p in r.pending:
         n = len(p["losses"])
         v, k = flat[k:k + n + 2], k + n + 2
@@ -956,15 +948,18 @@ def flush_log(c, r):
                "sigma": v[n + 1], "time": p["time"], "peak_gb": round(sample.peak_memory_gb(c.device), 3)}
         if p.get("val_loss") is not None:
             rec["val_loss"] = r.val_loss = p["val_loss"]
-        if r.log:
-            write_log(c, r, json_line(rec) + "\n")
+        lines.append(json_line(rec) + "\n")
         if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])):
             bad = rec
             break
         r.last_finite = (rec["step"], rec["loss"])
     r.pending.clear()
-    if r.log:
-        write_log(c, r, "")
+    if r.log:  # the bad step's line too, before the stop
+        try:
+            r.log.write("".join(lines))
+            r.log.flush()
+        except OSError as e:
+            raise stopped_writing(c, r, lumina2.WriteFailed(f"could not write {r.log_path} ({e.strerror or e})")) from None
     if bad:
         raise Diverged(divergence_message(c, r, f"loss {bad['loss']:.4g}, gradient norm {bad['grad_norm']:.4g}", bad["step"]))
     val = {"val": f"{r.val_loss:.4f}"} if r.val_loss is not None else {}
