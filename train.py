@@ -698,47 +698,54 @@ def json_line(rec):
 
 
 def process_alive(owner):
+    """False only for a process of this host that no longer exists (another host's cannot be checked)."""
     if owner.get("host") != socket.gethostname():
-        return True  # another machine's process cannot be checked from here
+        return True
     try:
-        os.kill(owner["pid"], 0)  # signal 0: exists?
+        os.kill(owner["pid"], 0)  # signal 0: does it exist?
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # exists, owned by another user
+    except PermissionError:  # it exists, owned by another user
+        pass
     return True
+
+
+def take_lock(path, c):
+    """-> the descriptor of the lock file, created exclusively. A lock whose run has died on this host is taken
+    over, and the partial writes that run was killed in (atomic_write's temp names) are removed."""
+    try:
+        return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        pass
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+    except (OSError, ValueError):
+        owner = {}
+    if not owner or process_alive(owner):
+        who = f"pid {owner['pid']} on {owner['host']}, started {owner['started']}" if owner else "an unreadable lock"
+        raise lumina2.BadInput(f"another train.py is using output_dir {c.output_dir} ({who}); wait for it or choose "
+                               f"another output_dir. If no such run is alive, delete {path}")
+    print(f"taking over {path}: its run (pid {owner['pid']}) is no longer alive")
+    os.remove(path)
+    for f in os.listdir(c.output_dir):
+        if re.fullmatch(rf".+\.{owner['pid']}-[0-9a-f]{{8}}\.tmp", f):
+            os.remove(os.path.join(c.output_dir, f))
+    return take_lock(path, c)  # another run may have taken it meanwhile: then it is refused above
 
 
 @contextlib.contextmanager
 def output_dir_lock(c, r):
-    """output_dir/train.lock, created exclusively and holding the owner's pid and host, for the length of the
-    run: a second train.py on the same output_dir stops at start-up instead of interleaving its checkpoints
-    with the first one's. A lock whose process has died on this host is taken over. Rank 0 holds it."""
+    """output_dir/train.lock, holding the owner's pid and host for the length of the run: a second train.py on
+    the same output_dir stops at start-up instead of interleaving its checkpoints with the first one's. Rank 0
+    holds it."""
     if r.rank > 0:
         yield
         return
     path = os.path.join(c.output_dir, "train.lock")
     try:
         os.makedirs(c.output_dir, exist_ok=True)
-        for attempt in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-                break
-            except FileExistsError:
-                try:
-                    with open(path) as f:
-                        owner = json.load(f)
-                except (OSError, ValueError):
-                    owner = {}
-                if attempt or not owner or process_alive(owner):
-                    who = f"pid {owner['pid']} on {owner['host']}, started {owner['started']}" if owner else "an unreadable lock"
-                    raise lumina2.BadInput(f"another train.py is using output_dir {c.output_dir} ({who}); wait for it or choose "
-                                           f"another output_dir. If no such run is alive, delete {path}") from None
-                print(f"taking over {path}: its run (pid {owner['pid']}) is no longer alive")
-                os.remove(path)
-                for f in os.listdir(c.output_dir):  # the partial writes it was killed in (atomic_write's temp names)
-                    if re.fullmatch(rf".+\.{owner['pid']}-[0-9a-f]{{8}}\.tmp", f):
-                        os.remove(os.path.join(c.output_dir, f))
+        fd = take_lock(path, c)
     except OSError as e:
         raise lumina2.WriteFailed(f"output_dir {c.output_dir} is not writable ({e.strerror or e}); choose another output_dir "
                                   "or fix its permissions") from None
