@@ -40,9 +40,11 @@ import torch
 import lora
 import lumina2
 import memory
+import optim
 import sample
 import train
 from configurator import configure
+from files import atomic_write
 
 # -----------------------------------------------------------------------------
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,7 +84,7 @@ def timed(step, n, warm, dev):
     for _ in range(n):
         step()
     sync(dev)
-    return (time.perf_counter() - t) / n * 1e3, sample.peak_memory_gb(dev)
+    return (time.perf_counter() - t) / n * 1e3, memory.peak_memory_gb(dev)
 
 
 def matmul_ceiling(dev):
@@ -196,12 +198,12 @@ def lora_step(c, cfg, sd, bs, ckpt, swap=0, fp8=False, compile=False):
     model = placed_model(c, cfg, sd, rank=16, fp8=fp8, checkpointing=ckpt, compile=compile,
                          blocks_to_swap=swapped(c, cfg, swap))
     params = lora.lora_parameters(model)
-    opt = train.Optimizer([params], "AdamW", 1e-4, 0.01, "stochastic", 0)
+    opt = optim.Optimizer([params], "AdamW", 1e-4, 0.01, "stochastic", 0)
     x0, noise, cap, mask, sigma = inputs(c, cfg, bs)
 
     def step():
         train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
-        train.step_after_backward(params, opt, max_grad_norm=1.0)
+        optim.step_after_backward(params, opt, max_grad_norm=1.0)
     return timed(step, c.iters, c.warmup, c.device)
 
 
@@ -213,10 +215,10 @@ def full_step(c, cfg, sd, kind, fused, ema=False):
     model.requires_grad_(True).norm_final.requires_grad_(False)
     model = memory.prepare(model, c.device, checkpointing=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = train.Optimizer([[p] for p in params], kind, 1e-5 if kind == "AdamW" else 5e-4, 0.0, "stochastic", 0)
-    average = train.EMA(params, 0.999, "cpu", every=c.iters) if ema else None
+    opt = optim.Optimizer([[p] for p in params], kind, 1e-5 if kind == "AdamW" else 5e-4, 0.0, "stochastic", 0)
+    average = optim.EMA(params, 0.999, "cpu", every=c.iters) if ema else None
     if fused:
-        train.fuse_steps_into_backward(params, opt, max_grad_norm=1.0, ema=average)
+        optim.fuse_steps_into_backward(params, opt, max_grad_norm=1.0, ema=average)
     x0, noise, cap, mask, sigma = inputs(c, cfg, 1)
     steps = [0]
 
@@ -225,7 +227,7 @@ def full_step(c, cfg, sd, kind, fused, ema=False):
             average.set_step(steps[0])
         train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
         if not fused:
-            train.step_after_backward(params, opt, max_grad_norm=1.0, ema=average)
+            optim.step_after_backward(params, opt, max_grad_norm=1.0, ema=average)
         steps[0] += 1
     return timed(step, c.iters, c.warmup, c.device)
 
@@ -239,9 +241,9 @@ def cfg_inputs(c, cfg):
 
 @torch.no_grad()
 def cfg_step(c, cfg, sd, swap=0, fp8=False, compile=False, attention=None):
-    """One CFG sampling step, placed as sample.place_dit places it; attention= runs it on another backend
+    """One CFG sampling step, placed as sample.py places it; attention= runs it on another backend
     (sage: sampling only), then the run's backend is restored."""
-    model = sample.place_dit(our_model(cfg, sd, "cpu"), c.device, blocks_to_swap=swapped(c, cfg, swap), fp8=fp8, compile=compile)
+    model = memory.prepare(our_model(cfg, sd, "cpu"), c.device, blocks_to_swap=swapped(c, cfg, swap), fp8=fp8, compile=compile)
     x, cap, mask = cfg_inputs(c, cfg)
     try:
         lumina2.set_attention(attention or c.attention, torch.bfloat16, c.device)
@@ -447,7 +449,7 @@ def main(argv=None):
     if c.check:
         result["tests"] = tests
         result["ok"] = tests["rc"] == 0 and not any("error" in r for r in rows)
-    lumina2.atomic_write(c.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    atomic_write(c.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     if c.check:
         md = os.path.join(os.path.dirname(c.out), "bench.md")
         with open(md, "w") as f:

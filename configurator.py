@@ -1,12 +1,19 @@
 """
-The configurator every script shares (nanoGPT's idea, as a function): the script's upper-case-free
-module constants are the config; a Python file named on the command line overrides them, then
---key=value flags do. Values are parsed as Python literals and must keep the default's type.
+The configurator every script shares (nanoGPT's idea, as functions): the script's lower-case module constants
+are the config; a Python file named on the command line overrides them, then --key=value flags do. Values are
+parsed as Python literals and must keep the default's type. A constant's comment is its documentation:
+--help prints every constant with its default and comment, grouped as in the script, and the choices of an
+option from the script's CHOICES (a name -> mapping of the implementations, which the config check reads too).
 
     python train.py config/demo.py --learning_rate=3e-4 --output_dir='"out/x"'
+    python train.py --help
+    python configurator.py train.py sample.py bench.py > docs/config.md      # the same, for every script
 """
 import ast
+import os
 import sys
+
+import torch
 
 
 def configure(defaults, argv=None):
@@ -14,6 +21,9 @@ def configure(defaults, argv=None):
     with '_'. Updates defaults in place and returns the resulting config dict."""
     keys = [k for k, v in defaults.items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str, list, tuple, type(None)))]
     for arg in sys.argv[1:] if argv is None else argv:
+        if arg in ("--help", "-h"):
+            print(describe(defaults["__file__"], defaults.get("CHOICES", {})))
+            raise SystemExit(0)
         if not arg.startswith("--"):
             scope = {}
             with open(arg) as fh:
@@ -22,13 +32,13 @@ def configure(defaults, argv=None):
                 if not k.startswith("_"):
                     set_key(defaults, keys, k, v, arg)
             continue
-        key, sep, text = arg[2:].partition("=")
+        key, sep, value_text = arg[2:].partition("=")
         if not sep:
             raise SystemExit(f"expected --key=value, got {arg!r}")
         try:
-            value = ast.literal_eval(text)
+            value = ast.literal_eval(value_text)
         except (ValueError, SyntaxError):
-            value = text  # a bare string: --output_dir=out/x
+            value = value_text  # a bare string: --output_dir=out/x
         set_key(defaults, keys, key, value, arg)
     return {k: defaults[k] for k in keys}
 
@@ -41,3 +51,95 @@ def set_key(defaults, keys, key, value, where):
     if old is not None and value is not None and not isinstance(value, type(old)) and not (isinstance(old, float) and isinstance(value, int)):
         raise SystemExit(f"config key {key!r} is a {type(old).__name__} (default {old!r}); got {value!r} from {where}")
     defaults[key] = float(value) if isinstance(old, float) and isinstance(value, int) else value
+
+
+# -----------------------------------------------------------------------------
+# the config as documentation: read from the script's source, between its two `# ---` rules
+
+
+def settings(path):
+    """-> [(group, [(name, default as written, comment)])] of the script at `path`. A comment line after a blank
+    line (or the first rule) names a group; one right under a constant continues that constant's comment."""
+    lines = open(path, encoding="utf-8").read().split("\n")
+    rules = [i for i, line in enumerate(lines) if line.startswith("# ---")]
+    groups, last = [], None
+    for line in lines[rules[0] + 1:rules[1]]:
+        if not line.strip():
+            last = None
+        elif line.startswith("#"):
+            if last is None:
+                groups.append((line.lstrip("# "), []))
+            else:
+                last[2] += " " + line.lstrip("# ")
+        else:
+            code, _, comment = line.partition("  # ")
+            name, _, default = code.partition(" = ")
+            if not groups:
+                groups.append(("", []))
+            last = [name.strip(), default.strip(), comment.strip()]
+            groups[-1][1].append(last)
+    return groups
+
+
+def describe(path, choices):
+    """Every constant of the script at `path`, its default as written, its comment and, for an option, its choices
+    (the keys of choices[name]), grouped as in the script: what --help prints, in markdown (docs/config.md)."""
+    out = [f"## `python {os.path.basename(path)} [config/x.py ...] [--key=value ...]`"]
+    for group, rows in settings(path):
+        out += ["", f"**{group}**" if group else "", ""]
+        for name, default, comment in rows:
+            one_of = f" (one of: {', '.join(f'`{k}`' for k in choices[name])})" if name in choices else ""
+            out.append(f"- `{name} = {default}`" + (f": {comment}{one_of}" if comment or one_of else ""))
+    return "\n".join(out) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# checks every script runs on its config before it reads a file
+
+
+def choice_problems(c, choices):
+    """Each option whose value is not a key of its mapping, with the near miss when there is one."""
+    problems = []
+    for key, allowed in choices.items():
+        v = getattr(c, key)
+        if v not in allowed:
+            near = [a for a in allowed if isinstance(v, str) and a.lower() == v.lower()]
+            problems.append(f"{key}={v!r} is not one of {', '.join(map(repr, allowed))}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return problems
+
+
+def range_problems(c, ranges):
+    """Each value outside its range: ranges maps a key to (test, what the value must be)."""
+    problems = []
+    for key, (ok, what) in ranges.items():
+        v = getattr(c, key)
+        try:
+            good = ok(v)
+        except TypeError:
+            good = False
+        if not good:
+            problems.append(f"{key}={v!r} must be {what}")
+    return problems
+
+
+def device_problem(name, what):
+    """None when `name` is a device this torch can use, else why not."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        return f"{what}={name!r} is not a device name (cpu, cuda, cuda:1, ...)"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible GPU"
+            return f"{what}={name!r} but this machine has {build}; use --{what}=cpu or install a CUDA build of torch"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{what}={name!r} but only {torch.cuda.device_count()} GPU(s) are visible"
+    elif dev.type != "cpu":
+        return f"{what}={name!r}: only cpu and cuda devices are supported"
+    return None
+
+
+if __name__ == "__main__":
+    import importlib
+    for script in sys.argv[1:]:  # the scripts' CHOICES come from importing them (their main() does not run)
+        print(describe(script, getattr(importlib.import_module(script.removesuffix(".py")), "CHOICES", {})))

@@ -1,10 +1,9 @@
 """
-Data for training Lumina 2: image folders with captions, aspect buckets, latent and text-feature
-caches, and the tiny built-in demo (random models written in the real file layouts, plus a synthetic
-dataset of coloured shapes), so that everything runs on a CPU with no downloads.
+Data for training Lumina 2: image folders with captions, aspect buckets, caption processing, latent and
+text-feature caches, batches.
 
 A dataset is a folder (searched recursively) of .jpg/.jpeg/.png/.webp images, each with a caption in a
-same-stem .txt file, or the subsets of an sd-scripts dataset config (read_dataset_config: TOML with
+same-stem .txt file, or the subsets of an sd-scripts dataset config (dataset_toml.py: TOML with
 [general], [[datasets]] and [[datasets.subsets]]); DatasetGroup trains several datasets, each at its own
 resolution, in one run. Every image goes to the aspect bucket nearest its own aspect, is resized to cover
 the bucket and centre-cropped. The AE and text encoder run once, up front (cache_latents, cache_text);
@@ -12,27 +11,22 @@ training then reads only the caches, so both models can be freed. Shuffled capti
 variants per caption, and each step picks one. Disk caches are keyed by a fingerprint of everything that
 produced them, so a changed setting re-encodes and nothing goes stale.
 
-    python -c "import data; print(data.make_demo_weights('out/demo/weights'))"
-    python -c "import data; print(data.make_demo_dataset('out/demo/images'))"
+    python -c "import data; ds = data.Dataset('out/demo/demo_images', resolution=64); print(len(ds), set(ds.buckets))"
 """
-import codecs
 import contextlib
-import difflib
 import hashlib
-import io
 import json
 import math
 import os
-import random
-import tomllib
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import lumina2
+from files import BadInput, NotUTF8, not_utf8_message, read_text, readable_image, save_file_atomic, to_8bit, warn_extreme
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 # part of the latent fingerprint: change it when the pixel pipeline changes (v2: more than 8 bits scaled, not clipped;
@@ -84,30 +78,6 @@ def load_image(path):
         return img.convert("RGB")
 
 
-def to_8bit(img):
-    """A greyscale image of more than 8 bits per pixel (PIL modes I;16*, I, F) -> mode L, or LA when it has a
-    transparent value; any other image unchanged. Pillow's own convert("L"/"RGB") clips these modes to
-    0..255, so a 16-bit PNG (0..65535) comes out almost white. 16-bit RGB(A) and grey+alpha PNGs need none
-    of this: Pillow opens them as 8-bit RGB(A), already scaled. Scaling: I;16* / 257 (65535 -> 255); I
-    (32-bit int, what some Pillow versions give a 16-bit PNG) / 257 when its max exceeds 255, else as is;
-    F (float) x 255 when it lies in [0, 1], else clipped."""
-    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
-        return img
-    a = np.nan_to_num(np.asarray(img).astype(np.float64))  # (H, W)
-    if img.mode.startswith("I;16") or (img.mode == "I" and a.max() > 255):
-        v = a / 257
-    elif img.mode == "F" and a.min() >= 0 and a.max() <= 1:
-        v = a * 255
-    else:
-        v = a
-    grey = Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8), "L")
-    key = img.info.get("transparency")
-    if isinstance(key, (int, float)):  # a PNG tRNS grey value, in the image's own scale
-        alpha = Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8), "L")
-        return Image.merge("LA", (grey, alpha))
-    return grey
-
-
 def resize_cover_crop(img, w, h, path=None):
     """The centre w x h of the image resized (LANCZOS) to cover w x h, keeping its aspect. Only the region
     that is kept is resized, in one call (a box in source pixels, fractional), so an extreme strip never
@@ -124,25 +94,6 @@ def resize_cover_crop(img, w, h, path=None):
     return img.resize((w, h), Image.LANCZOS, box=(left, top, min(W, left + bw), min(H, top + bh)))
 
 
-WARNED = set()  # (path, kind) already warned about in this process: a file resized again (flipped, re-cached) warns once
-MAX_UPSCALE, MIN_KEPT = 4.0, 0.5
-
-
-def warn_extreme(path, scale, kept):
-    """Warn once per file when its bucket enlarges it more than MAX_UPSCALE times (it trains blurred) or the
-    centre crop keeps less than MIN_KEPT of its area (most of the picture never trains). scale: output px
-    per source px; kept: the fraction of the image's area inside the crop."""
-    path = os.path.abspath(path)
-    if scale > MAX_UPSCALE and (path, "upscale") not in WARNED:
-        WARNED.add((path, "upscale"))
-        warnings.warn(f"{path}: upscaled {scale:.1f}x to fill its bucket (more than {MAX_UPSCALE:g}x), so it trains "
-                      f"blurred; use a larger image, or train it at a lower resolution")
-    if kept < MIN_KEPT and (path, "crop") not in WARNED:
-        WARNED.add((path, "crop"))
-        warnings.warn(f"{path}: the centre crop to its bucket keeps {kept:.1%} of the image (less than {MIN_KEPT:.0%}); "
-                      f"crop it yourself to an aspect of at most 4:1 to choose what trains")
-
-
 def to_tensor(img):
     """PIL image -> (3, H, W) fp32 in [-1, 1]; a 16-bit or float greyscale image is scaled as load_image does."""
     x = torch.from_numpy(np.asarray(to_8bit(img).convert("RGB"), dtype=np.uint8).copy())  # (H, W, 3)
@@ -157,7 +108,7 @@ def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
     -> list of (path, caption). A missing caption file gives class_tokens, or "" with a warning; an image
     that fails to decode is reported and skipped; caption files that are not UTF-8 are all listed in one BadInput."""
     if not os.path.isdir(root):
-        raise lumina2.BadInput(f"dataset folder {root!r} does not exist or is not a folder")
+        raise BadInput(f"dataset folder {root!r} does not exist or is not a folder")
     items, bad, not_utf8 = [], [], []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(dirs) if recursive else []
@@ -175,24 +126,10 @@ def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
     if bad:
         print(f"{len(bad)} unreadable image(s) skipped in {root}")
     if not_utf8:
-        raise lumina2.BadInput(not_utf8_message(not_utf8))
+        raise BadInput(not_utf8_message(not_utf8))
     if not items:
-        raise lumina2.BadInput(f"no usable images in {root!r} (looked for {', '.join(IMAGE_EXTS)}{', recursively' if recursive else ''})")
+        raise BadInput(f"no usable images in {root!r} (looked for {', '.join(IMAGE_EXTS)}{', recursively' if recursive else ''})")
     return items
-
-
-def readable_image(path):
-    """True when the image decodes; else False, with the reason printed. Decoding is a full load, not just
-    verify(): a truncated JPEG passes verify() and only fails when its pixels are read."""
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        with Image.open(path) as img:
-            img.load()
-        return True
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... all mean unusable
-        print(f"skipping unreadable image {path}: {e}")
-        return False
 
 
 def read_caption(image_path, caption_ext, class_tokens=None):
@@ -205,44 +142,6 @@ def read_caption(image_path, caption_ext, class_tokens=None):
         warnings.warn(f"no caption file {path} for {image_path}; using the empty caption")
         return ""
     return read_text(path).strip()
-
-
-class NotUTF8(lumina2.BadInput):
-    """A text file that does not decode as UTF-8: its path, and where its first bad byte is."""
-
-    def __init__(self, path):
-        self.path, self.where = path, first_bad_byte(path)
-        super().__init__(f"{path} is not UTF-8 ({self.where}): re-save it as UTF-8")
-
-
-def first_bad_byte(path):
-    """Where a file stops being UTF-8: "byte 0xff at offset 1234", counted from the file's start (a BOM included)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        raw[bom:].decode("utf-8")
-    except UnicodeDecodeError as e:  # e.start counts from after the BOM
-        return f"byte 0x{raw[bom + e.start]:02x} at offset {bom + e.start}"
-    return "it decodes now: it changed while it was read"
-
-
-def read_text(path):
-    """A UTF-8 text file (a leading BOM dropped) -> str; not UTF-8: NotUTF8, which names the file and the
-    offset (Python's UnicodeDecodeError names neither the file nor, past its first read chunk, the offset)."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return f.read()
-    except UnicodeDecodeError:
-        raise NotUTF8(path) from None
-
-
-def not_utf8_message(errors, shown=10):
-    """One message for many NotUTF8: the first `shown` files with their offsets, and the count."""
-    lines = [f"  {e.path}: {e.where}" for e in errors[:shown]]
-    more = [f"  ... and {len(errors) - shown} more"] if len(errors) > shown else []
-    return "\n".join([f"{len(errors)} caption file(s) are not UTF-8; re-save them as UTF-8 (in most editors: "
-                      f"Save As, encoding UTF-8):"] + lines + more)
 
 
 def scan_metadata(metadata_file, image_dir=None):
@@ -265,7 +164,7 @@ def scan_metadata(metadata_file, image_dir=None):
     if missing:
         print(f"{metadata_file}: {len(missing)} image(s) not found, skipped: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if not items:
-        raise lumina2.BadInput(f"no usable images listed in {metadata_file!r} (image_dir {image_dir!r})")
+        raise BadInput(f"no usable images listed in {metadata_file!r} (image_dir {image_dir!r})")
     return items
 
 
@@ -275,10 +174,10 @@ def read_metadata(path):
     try:
         meta = json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise lumina2.BadInput(f"{path!r} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}; fix it "
+        raise BadInput(f"{path!r} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}; fix it "
                                f"(a JSON checker such as python -m json.tool {path} points at it)") from None
     if not (isinstance(meta, dict) and all(isinstance(v, dict) for v in meta.values())):
-        raise lumina2.BadInput(f"{path!r} is not a JSON object of {{image: {{\"caption\": ..., \"tags\": ...}}}}")
+        raise BadInput(f"{path!r} is not a JSON object of {{image: {{\"caption\": ..., \"tags\": ...}}}}")
     return meta
 
 
@@ -288,208 +187,26 @@ def find_image(key, image_dir):
                           if image_dir else [])
     return next((c for c in candidates if c.lower().endswith(IMAGE_EXTS) and os.path.isfile(c)), None)
 
-# -----------------------------------------------------------------------------
-# sd-scripts dataset config (TOML): [general], [[datasets]], [[datasets.subsets]]; the nearest table wins
-
-
-def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)  # TOML true is not the integer 1
-
-
-def is_number(v):
-    return (isinstance(v, (int, float))) and not isinstance(v, bool)
-
-
-def is_side(v):
-    return is_int(v) and v >= 16 and v % 16 == 0
-
-
-BOOL = (lambda v: isinstance(v, bool), "true or false")
-TEXT = (lambda v: isinstance(v, str), "a string")
-PATH = (lambda v: isinstance(v, str) and v != "", "a non-empty path")
-AT_LEAST_1 = (lambda v: is_int(v) and v >= 1, "an integer >= 1")
-RATE = (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
-SIDE = (is_side, "a positive multiple of 16")
-
-# Where a key may be written: DATASET keys hold one value per [[datasets]] (in [general] or [[datasets]]); SUBSET
-# keys may be written at every level and the subset's own table wins; OWN keys belong to one subset only.
-DATASET, SUBSET, OWN = "dataset", "subset", "own"
-
-# Every supported key: (where, default, (check, what the value must be)). train.py's dataset constants replace
-# some defaults (read_dataset_config's `defaults`), as sd-scripts' command-line flags do under [general].
-KEYS = {
-    "resolution": (DATASET, 1024, (lambda v: is_side(v) or (isinstance(v, list) and len(v) == 2 and all(map(is_side, v))),
-                                   "a side or [width, height], positive multiples of 16")),
-    "batch_size": (DATASET, 1, AT_LEAST_1),
-    "enable_bucket": (DATASET, False, BOOL),  # false (sd-scripts' default): every image is cropped to the resolution
-    "min_bucket_reso": (DATASET, None, SIDE),  # unset: the official buckets' own range (aspect <= 4)
-    "max_bucket_reso": (DATASET, None, SIDE),
-    "bucket_reso_steps": (DATASET, 16, SIDE),  # sd-scripts' default is 64; the official buckets walk 16 px tiles
-    "bucket_no_upscale": (DATASET, False, BOOL),
-    "validation_split": (DATASET, 0.0, (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1] (1: every image of the dataset validates)")),
-    "validation_seed": (DATASET, 0, (is_int, "an integer")),
-    "system_prompt": (DATASET, lumina2.SYSTEM_PROMPTS["base"], TEXT),  # one text cache per dataset
-    "num_repeats": (SUBSET, 1, AT_LEAST_1),
-    "flip_aug": (SUBSET, False, BOOL),
-    "caption_extension": (SUBSET, ".txt", (lambda v: isinstance(v, str) and v.startswith("."), "an extension such as '.txt'")),
-    "class_tokens": (SUBSET, None, TEXT),  # the caption of an image without a caption file
-    "shuffle_caption": (SUBSET, False, BOOL),
-    "keep_tokens": (SUBSET, 0, (lambda v: is_int(v) and v >= 0, "an integer >= 0")),
-    "keep_tokens_separator": (SUBSET, "", TEXT),
-    "caption_separator": (SUBSET, ",", (lambda v: isinstance(v, str) and v != "", "a non-empty string")),
-    "caption_prefix": (SUBSET, "", TEXT),
-    "caption_suffix": (SUBSET, "", TEXT),
-    "caption_dropout_rate": (SUBSET, 0.0, RATE),
-    "caption_tag_dropout_rate": (SUBSET, 0.0, (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")),
-    "image_dir": (OWN, None, PATH),
-    "metadata_file": (OWN, None, PATH),
-    "is_reg": (OWN, False, BOOL),
-}
-
-# sd-scripts' other dataset keys, refused by name with the reason, so none is silently ignored
-REFUSED = {
-    "color_aug": "it changes the pixels at every step, so latents could not be cached (sd-scripts refuses it with cached latents too)",
-    "random_crop": "it crops differently at every step, so latents could not be cached; images are centre-cropped",
-    "face_crop_aug_range": "it crops differently at every step, so latents could not be cached",
-    "resize_interpolation": "images are always resized with LANCZOS (part of the latent cache's fingerprint)",
-    "skip_image_resolution": "not implemented: move the small images to another folder",
-    "secondary_separator": "not implemented: write the grouped tags with caption_separator",
-    "enable_wildcard": "wildcards and multi-line captions pick text at every step; not implemented",
-    "token_warmup_min": "token warm-up depends on the step; not implemented",
-    "token_warmup_step": "token warm-up depends on the step; not implemented",
-    "caption_dropout_every_n_epochs": "not implemented: use caption_dropout_rate",
-    "cache_info": "not needed (image sizes come from the file headers, caches are keyed by fingerprints): remove the key",
-    "alpha_mask": "the masked loss is not implemented",
-    "conditioning_data_dir": "ControlNet datasets are not supported",
-    "custom_attributes": "per-subset attributes (differential output preservation) are not implemented",
-    "network_multiplier": "a per-dataset LoRA multiplier is not implemented",
-}
-
-
-def read_dataset_config(path, defaults=None):
-    """An sd-scripts dataset config (TOML: [general], [[datasets]], [[datasets.subsets]]) -> list of subset dicts,
-    each with every key of KEYS resolved (subset over dataset over general over `defaults` over KEYS' defaults)
-    plus `dataset` (0-based index of its [[datasets]] table), `table` (its name, for messages) and
-    `recursive` (False: sd-scripts reads only the images directly inside image_dir). Checks everything a
-    config can get wrong without reading an image; raises one ValueError listing every problem, each line
-    naming the file, the table and the key."""
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise lumina2.BadInput(f"dataset_config {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise lumina2.BadInput(f"{path}: not valid TOML: {e}") from None
-    problems = []
-
-    def bad(table, key, message):
-        problems.append(f"{path}: {table}: {key!r} {message}")
-
-    for key in doc:
-        if key not in ("general", "datasets"):
-            bad("top level", key, "is not a table of a dataset config (it has [general] and [[datasets]] with [[datasets.subsets]])")
-    general = doc.get("general", {})
-    if not isinstance(general, dict):
-        bad("top level", "general", "must be a table: [general]")
-        general = {}
-    check_table(general, "[general]", (DATASET, SUBSET), bad)
-    datasets = doc.get("datasets")
-    if not (isinstance(datasets, list) and datasets and all(isinstance(d, dict) for d in datasets)):
-        bad("top level", "datasets", "must be one or more [[datasets]] tables")
-        datasets = []
-    base = {key: default for key, (_, default, _) in KEYS.items()}
-    base.update({k: v for k, v in (defaults or {}).items() if k in KEYS})
-    out = []
-    for d, ds in enumerate(datasets):
-        name = f"[[datasets]] #{d + 1}"
-        check_table({k: v for k, v in ds.items() if k != "subsets"}, name, (DATASET, SUBSET), bad)
-        subsets = ds.get("subsets")
-        if not (isinstance(subsets, list) and subsets and all(isinstance(s, dict) for s in subsets)):
-            bad(name, "subsets", "must be one or more [[datasets.subsets]] tables")
-            continue
-        merged_dataset = {**base, **known(general), **known(ds)}
-        check_buckets(merged_dataset, name, bad)
-        if merged_dataset["validation_split"] == 1 and any(s.get("is_reg") for s in subsets):
-            bad(name, "validation_split", "= 1 holds out every training image, and its is_reg images need training images to balance")
-        seen = {}
-        for j, sub in enumerate(subsets):
-            sname = f"{name} / [[datasets.subsets]] #{j + 1}"
-            check_table(sub, sname, (SUBSET, OWN), bad)
-            s = {**merged_dataset, **known(sub), "dataset": d, "table": sname, "recursive": False}
-            check_sources(s, sub, sname, bad)
-            source = (s["image_dir"], s["metadata_file"])
-            if source in seen:  # sd-scripts drops a repeated subset silently; here it is an error
-                bad(sname, "image_dir" if s["metadata_file"] is None else "metadata_file", f"repeats {seen[source]} of the same [[datasets]]")
-            seen.setdefault(source, f"[[datasets.subsets]] #{j + 1}")
-            out.append(s)
-    if out and all(s["validation_split"] == 1 for s in out):
-        bad("every [[datasets]]", "validation_split", "is 1: every image is held out for validation and none is left to train")
-    if problems:
-        raise lumina2.BadInput("\n".join(problems))
-    return out
-
-
-def known(table):
-    return {k: v for k, v in table.items() if k in KEYS}
-
-
-def check_table(table, name, allowed, bad):
-    """Each key of one table: refused, unknown, in the wrong table, or of the wrong type or range."""
-    where = {DATASET: "[general] or [[datasets]]", SUBSET: "any table", OWN: "[[datasets.subsets]]"}
-    for key, value in table.items():
-        if key in REFUSED:
-            bad(name, key, f"is an sd-scripts key this trainer does not support: {REFUSED[key]}")
-        elif key not in KEYS:
-            near = difflib.get_close_matches(key, list(KEYS) + list(REFUSED), n=1)
-            bad(name, key, "is not a dataset config key" + (f" (did you mean {near[0]!r}?)" if near else ""))
-        elif KEYS[key][0] not in allowed:
-            bad(name, key, f"belongs in {where[KEYS[key][0]]}" + (" (here one system prompt per dataset: each dataset has one text cache)"
-                                                                   if key == "system_prompt" else ""))
-        elif not KEYS[key][2][0](value):
-            bad(name, key, f"must be {KEYS[key][2][1]}, got {value!r}")
-
-
-def check_buckets(s, name, bad):
-    """The bucket settings of one dataset, after inheritance: ranges that fit the step and leave a bucket."""
-    keys = ("resolution", "enable_bucket", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")
-    if not all(s[k] is None or KEYS[k][2][0](s[k]) for k in keys):
-        return  # already reported
-    step, lo, hi = s["bucket_reso_steps"], s["min_bucket_reso"], s["max_bucket_reso"]
-    for key, v in (("min_bucket_reso", lo), ("max_bucket_reso", hi)):
-        if v is not None and v % step:
-            bad(name, key, f"must be a multiple of bucket_reso_steps ({step}), got {v}")
-    if lo is not None and hi is not None and lo > hi:
-        bad(name, "min_bucket_reso", f"({lo}) is larger than max_bucket_reso ({hi})")
-    elif s["enable_bucket"] and not dataset_buckets(s):
-        bad(name, "min_bucket_reso" if lo else "max_bucket_reso",
-            f"leaves no bucket of area <= {s['resolution']}^2 with sides in [{lo}, {hi}]")
-
-
-def check_sources(s, own, name, bad):
-    """Where one subset's images come from: image_dir (a folder) and/or metadata_file (sd-scripts' JSON)."""
-    if s["image_dir"] is None and s["metadata_file"] is None:
-        bad(name, "image_dir", "is missing: a subset needs image_dir (a folder of images) or metadata_file")
-    if isinstance(s["image_dir"], str) and not os.path.isdir(s["image_dir"]):
-        bad(name, "image_dir", f"{s['image_dir']!r} does not exist or is not a folder")
-    if isinstance(s["metadata_file"], str):
-        for key in ("caption_extension", "class_tokens"):
-            if key in own:
-                bad(name, key, "has no effect with metadata_file (the captions come from the JSON file)")
-        try:
-            read_metadata(s["metadata_file"])
-        except FileNotFoundError:
-            bad(name, "metadata_file", f"{s['metadata_file']!r} does not exist")
-        except lumina2.BadInput as e:
-            bad(name, "metadata_file", str(e))
+# What a subset is: sd-scripts' dataset keys with their defaults (dataset_toml.py reads them from a TOML and
+# checks them; train.py's dataset constants replace some, as sd-scripts' command-line flags do)
+SUBSET_DEFAULTS = dict(
+    resolution=1024, batch_size=1,
+    enable_bucket=False,  # false (sd-scripts' default): every image is cropped to the resolution
+    min_bucket_reso=None, max_bucket_reso=None,  # unset: the official buckets' own range (aspect <= 4)
+    bucket_reso_steps=16,  # sd-scripts' default is 64; the official buckets walk 16 px tiles
+    bucket_no_upscale=False, validation_split=0.0, validation_seed=0,
+    system_prompt=lumina2.SYSTEM_PROMPTS["base"],  # one text cache per dataset
+    num_repeats=1, flip_aug=False, caption_extension=".txt",
+    class_tokens=None,  # the caption of an image without a caption file
+    shuffle_caption=False, keep_tokens=0, keep_tokens_separator="", caption_separator=",", caption_prefix="",
+    caption_suffix="", caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0, image_dir=None, metadata_file=None, is_reg=False)
 
 
 def folder_subset(root, **values):
     """The one subset that train_data_dir stands for: the folder searched recursively, bucketed, with train.py's
-    dataset constants (values: keys of KEYS) for the rest."""
-    s = {key: default for key, (_, default, _) in KEYS.items()}
-    s.update(values)
-    s.update(image_dir=root, enable_bucket=True, dataset=0, table="train_data_dir", recursive=True)
-    return s
+    dataset constants (values: keys of SUBSET_DEFAULTS) for the rest."""
+    return {**SUBSET_DEFAULTS, **values, "image_dir": root, "enable_bucket": True, "dataset": 0, "table": "train_data_dir",
+            "recursive": True}
 
 
 def dataset_buckets(s):
@@ -681,7 +398,7 @@ class Dataset:
         if not reg:
             return
         if target == 0:
-            raise lumina2.BadInput(f"{self.subset(reg[0])['table']}: is_reg images need training images in the same [[datasets]] to balance")
+            raise BadInput(f"{self.subset(reg[0])['table']}: is_reg images need training images in the same [[datasets]] to balance")
         for i in reg:
             self.repeats[i] = 0
         n, first = 0, True
@@ -739,7 +456,7 @@ class Dataset:
                 z = ae.encode(x)
             for (key, text, _, file), zi in zip(job, z.to("cpu", dtype)):
                 if file:
-                    lumina2.save_file_atomic({"x": zi}, file, metadata={"fingerprint": text})
+                    save_file_atomic({"x": zi}, file, metadata={"fingerprint": text})
                 self.latents[key] = file or zi.clone()
 
     def pixels(self, i, flipped):
@@ -777,7 +494,7 @@ class Dataset:
             for (caption, text, file), f, m in zip(job, feats.cpu(), mask.cpu()):
                 f = f[:min(int(m.sum()), max_length)].clone()  # (L_i, D) valid tokens only
                 if file:
-                    lumina2.save_file_atomic({"x": f}, file, metadata={"fingerprint": text})
+                    save_file_atomic({"x": f}, file, metadata={"fingerprint": text})
                 self.text[caption] = file or f
         print(f"text cache: reused {reused} / encoded {len(todo)}")
         return reused, len(todo)
@@ -891,7 +608,7 @@ class DatasetGroup:
     def __init__(self, datasets):
         self.datasets = datasets
         if not any(any(ds.repeats) for ds in datasets):
-            raise lumina2.BadInput("no training images: every image is held out for validation")
+            raise BadInput("no training images: every image is held out for validation")
 
     def __len__(self):
         """Training images (validation images and unused regularisation images excluded)."""
@@ -943,89 +660,3 @@ def build_datasets(subsets, variants=1, seed=0):
         by_dataset.setdefault(s["dataset"], []).append(s)
     return DatasetGroup([Dataset(subsets=group, variants=variants, seed=seed) for _, group in sorted(by_dataset.items())])
 
-# -----------------------------------------------------------------------------
-# the tiny demo: random models in the three real file layouts, and a folder of coloured shapes
-
-DEMO_GEMMA = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512)
-DEMO_SENTENCES = [
-    "a red circle on a white background", "a blue square on a black background", "a green triangle in the middle",
-    "a yellow star next to a purple heart", "two orange circles and one small cyan square",
-    "You are an assistant designed to generate high-quality images based on user prompts. <Prompt Start>",
-    "digits 0123456789 and unicode: café, naïve, 東京, emoji 🙂", "  double  spaces\tand tabs  ",
-]
-
-
-def train_tiny_tokenizer(vocab_size=DEMO_GEMMA["vocab_size"]):
-    """A Gemma-like SentencePiece BPE model (pad 0, eos 1, bos 2, unk 3, byte fallback) -> proto bytes."""
-    import sentencepiece as spm
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(DEMO_SENTENCES * 20), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-        bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
-        byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, normalization_rule_name="identity", num_threads=1, minloglevel=2)
-    return buf.getvalue()
-
-
-def make_demo_weights(out_dir, seed=0):
-    """Write tiny random models as lumina_2_model_bf16.safetensors (raw keys, BF16),
-    gemma_2_2b_fp16.safetensors (`model.` prefix, F16, embedded spiece_model) and ae.safetensors (F32).
-    Returns the three paths; existing files are kept."""
-    from transformers import Gemma2Model
-    paths = {n: os.path.join(out_dir, f) for n, f in
-             [("dit", "lumina_2_model_bf16.safetensors"), ("gemma", "gemma_2_2b_fp16.safetensors"), ("ae", "ae.safetensors")]}
-    if all(os.path.exists(p) for p in paths.values()):
-        return paths
-    torch.manual_seed(seed)
-    dit = lumina2.NextDiT(**lumina2.DIT_PRESETS["tiny"])
-    lumina2.save_file_atomic({k: v.to(torch.bfloat16) for k, v in dit.state_dict().items()}, paths["dit"])
-    gemma = Gemma2Model(lumina2.gemma_config(**DEMO_GEMMA))
-    with torch.no_grad():  # Gemma initialises its (1 + w) norms at w = 0; random w makes the test meaningful
-        for name, p in gemma.named_parameters():
-            if "norm" in name:
-                p.normal_(0, 0.1)
-    sd = {"model." + k: v.to(torch.float16) for k, v in gemma.state_dict().items()}
-    sd["spiece_model"] = torch.frombuffer(bytearray(train_tiny_tokenizer()), dtype=torch.uint8)
-    lumina2.save_file_atomic(sd, paths["gemma"], metadata={"gemma2_config": json.dumps(DEMO_GEMMA)})
-    ae = lumina2.AutoEncoder(**lumina2.AE_PRESETS["tiny"])
-    with torch.no_grad():  # a random encoder gives latents of std ~0.1; scale its output to the real AE's std ~1
-        ae.encoder.conv_out.weight.mul_(8.0)
-        ae.encoder.conv_out.bias.mul_(8.0)
-    lumina2.save_file_atomic(ae.state_dict(), paths["ae"])
-    return paths
-
-
-DEMO_COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 20)}
-DEMO_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-DEMO_SHAPES = ("circle", "square", "triangle")
-
-
-def make_demo_dataset(out_dir, n=24, size=64, seed=0):
-    """Write n coloured shapes on plain backgrounds as PNG + .txt caption ("a red circle on a white
-    background"), in three aspects: size x size, wide (5:3) and tall (3:5), sides multiples of 16 for
-    size 64 (64x64, 80x48, 48x80). Deterministic in seed; existing files are kept. Returns out_dir."""
-    rng = random.Random(seed)
-    aspects = [(size, size), (size * 5 // 4, size * 3 // 4), (size * 3 // 4, size * 5 // 4)]
-    os.makedirs(out_dir, exist_ok=True)
-    for k in range(n):
-        w, h = aspects[k % len(aspects)]
-        shape, color, bg = rng.choice(DEMO_SHAPES), rng.choice(list(DEMO_COLORS)), rng.choice(list(DEMO_BACKGROUNDS))
-        r = rng.uniform(0.25, 0.4) * min(w, h)  # half-size of the shape, centre jittered inside the frame
-        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-        stem = os.path.join(out_dir, f"shape_{k:03d}")
-        if os.path.exists(stem + ".png") and os.path.exists(stem + ".txt"):
-            continue
-        img = Image.new("RGB", (w, h), DEMO_BACKGROUNDS[bg])
-        draw = ImageDraw.Draw(img)
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=DEMO_COLORS[color])
-        elif shape == "square":
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=DEMO_COLORS[color])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=DEMO_COLORS[color])
-        img.save(stem + ".png")
-        with open(stem + ".txt", "w", encoding="utf-8") as f:
-            f.write(f"a {color} {shape} on a {bg} background\n")
-    return out_dir

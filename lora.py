@@ -12,6 +12,9 @@ A LoRA on a Linear W (out, in) is down (r, in), up (out, r), alpha: dW = up @ do
 
 Training: lora.inject(model, rank=16); AdamW(lora.lora_parameters(model)); lora.save_lora(model, "my.safetensors").
 After inject the model's state_dict keeps every base key and gains `<path>.lora_down/lora_up.weight`.
+A LoRALinear owns the list of its trained tensors (trained()) and their names in a file (NAMES): training, block
+swap, fp8 quantisation, saving, reading and merging all ask it, so a variant (DoRA, LoKr) is a subclass that
+overrides those, and is passed as `cls` to inject / load_lora / read_lora.
 """
 import json
 import math
@@ -22,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lumina2
 import memory
+import weightfiles
+from files import BadInput, save_file_atomic
 
 # -----------------------------------------------------------------------------
 # the module
@@ -33,6 +37,10 @@ class LoRALinear(nn.Module):
     """Stands in for an nn.Linear: `weight` and `bias` are the base module's own Parameters, so the
     model's base state_dict keys (`layers.0.attention.qkv.weight`) do not change; the low-rank pair is
     kept in fp32 (the optimizer's master copy) and cast to the activation dtype in forward."""
+
+    # each part's name in a file, after the module's own name, per save layout (SAVE_LAYOUTS)
+    NAMES = {"kohya": {"down": "lora_down.weight", "up": "lora_up.weight", "alpha": "alpha"},
+             "diffusion_model": {"down": "lora_A.weight", "up": "lora_B.weight", "alpha": "alpha"}}
 
     def __init__(self, base, rank, alpha=None, dropout=0.0, rank_dropout=0.0, module_dropout=0.0):
         super().__init__()
@@ -46,7 +54,7 @@ class LoRALinear(nn.Module):
         self.lora_up = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)  # dW = 0 at step 0: training starts from the base model
-        self.merged, self.merged_scale = False, 0.0
+        self.merged, self.merged_multiplier = False, 0.0
         self.register_buffer("scale_weight", getattr(base, "scale_weight", None))  # set when the base is fp8 (memory.py)
 
     @property
@@ -70,23 +78,42 @@ class LoRALinear(nn.Module):
             scale = scale / (1 - self.rank_dropout)
         return y + F.linear(h, self.lora_up.weight.to(h.dtype)) * scale
 
+    def trained(self):
+        """The trained tensors by part name: what the optimizer steps and block swap leaves on the device."""
+        return {"down": self.lora_down.weight, "up": self.lora_up.weight}
+
+    def parts(self):
+        """Everything a file holds of this module, by part name (tensors, and alpha as a float)."""
+        return {**self.trained(), "alpha": self.alpha}
+
+    @torch.no_grad()
+    def load_parts(self, parts):
+        for name, p in self.trained().items():
+            p.copy_(parts[name])
+
+    @staticmethod
+    def delta(parts, multiplier, weight):
+        """dW of a LoRA's parts (down (r, in), up (out, r), alpha) at `multiplier`: up @ down * alpha / r * multiplier,
+        (out, in) fp32 on the weight's device (a variant's dW may depend on the weight itself)."""
+        down, up = (parts[k].to(weight.device, torch.float32) for k in ("down", "up"))
+        return up @ down * (parts["alpha"] / down.shape[0] * multiplier)
+
     def delta_weight(self):
-        """up @ down * scale, (out, in) fp32."""
-        return self.lora_up.weight.float() @ self.lora_down.weight.float() * self.scale
+        return self.delta(self.parts(), self.multiplier, self.weight)
 
     @torch.no_grad()
     def merge(self):
         """Fold dW into the (shared) base weight; forward then skips the LoRA path."""
         if not self.merged:
-            add_delta(self.weight, self.lora_down.weight, self.lora_up.weight, self.scale)
-            self.merged, self.merged_scale = True, self.scale
+            add_delta(self.weight, self.delta_weight())
+            self.merged, self.merged_multiplier = True, self.multiplier
 
     @torch.no_grad()
     def unmerge(self):
-        """Subtract what merge added (with the scale of that moment). Exact up to one rounding in fp32;
+        """Subtract what merge added (with the multiplier of that moment). Exact up to one rounding in fp32;
         in bf16 the merge rounding does not come back."""
         if self.merged:
-            add_delta(self.weight, self.lora_down.weight, self.lora_up.weight, -self.merged_scale)
+            add_delta(self.weight, -self.delta(self.parts(), self.merged_multiplier, self.weight))
             self.merged = False
 
     def extra_repr(self):
@@ -94,16 +121,15 @@ class LoRALinear(nn.Module):
 
 
 @torch.no_grad()
-def add_delta(weight, down, up, scale):
-    """weight (out, in) += up (out, r) @ down (r, in) * scale, formed in fp32 on the weight's device and
-    rounded once to the weight dtype (as sd-scripts merges). An fp8 weight is refused: a LoRA's delta is mostly
-    below fp8's resolution (a weight moves in steps of 1/16 to 1/8 of itself) and would round away."""
+def add_delta(weight, dw):
+    """weight (out, in) += dw, a LoRA's delta formed in fp32 on the weight's device, rounded once to the weight
+    dtype (as sd-scripts merges). An fp8 weight is refused: a LoRA's delta is mostly below fp8's resolution (a
+    weight moves in steps of 1/16 to 1/8 of itself) and would round away."""
     if weight.dtype in memory.FP8_DTYPES:
         raise ValueError("cannot merge a LoRA into an fp8 base weight: most of the LoRA's delta is below fp8's resolution "
                          "(steps of 1/16 to 1/8 of each weight) and would be lost. Merge into the bf16 weights first, then "
                          "quantise (memory.prepare(model, device, fp8=True) after lora.apply_lora_files), or keep the "
                          "LoRA unmerged (merge=False) on the fp8 base.")
-    dw = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32) * scale
     weight.copy_((weight.float() + dw).to(weight.dtype))
 
 
@@ -116,10 +142,17 @@ TRAIN_BLOCKS = {"all": BLOCKS, "transformer": ("layers.",), "refiners": ("noise_
 EMBEDDERS = ("x_embedder", "t_embedder.", "cap_embedder.")  # index into embedder_dims [x, t, cap]
 
 
+def adapter_tensors(model):
+    """The trained tensors of every LoRA module in `model`, as a set of ids: what fp8, block swap and the
+    search for Linears leave alone."""
+    return {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in m.trained().values()}
+
+
 def linear_paths(model):
-    """path -> module for every Linear a LoRA can sit on (a LoRALinear counts, its own pair does not)."""
+    """path -> module for every Linear a LoRA can sit on (a LoRALinear counts, the Linears inside it do not)."""
+    own = adapter_tensors(model)
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, LoRALinear)) and not name.endswith((".lora_down", ".lora_up"))}
+            if isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and id(m.weight) not in own)}
 
 
 def rank_for(path, rank, attn_dim, mlp_dim, mod_dim, refiner_dim, embedder_dims, blocks):
@@ -141,22 +174,22 @@ def rank_for(path, rank, attn_dim, mlp_dim, mod_dim, refiner_dim, embedder_dims,
     return rank
 
 
-def wrap(model, path, rank, alpha, **dropouts):
-    """Swap the Linear at `path` for a LoRALinear around it; returns the LoRALinear."""
+def wrap(model, path, rank, alpha, cls=None, **dropouts):
+    """Swap the Linear at `path` for a LoRALinear (or the variant cls) around it; returns the new module."""
     parent, _, child = path.rpartition(".")
     owner = model.get_submodule(parent)
-    lora = LoRALinear(getattr(owner, child), rank, alpha, **dropouts)
+    lora = (cls or LoRALinear)(getattr(owner, child), rank, alpha, **dropouts)
     setattr(owner, child, lora)
     return lora
 
 
 def inject(model, rank=8, alpha=None, attn_dim=None, mlp_dim=None, mod_dim=None, refiner_dim=None,
-           embedder_dims=None, train_blocks="all", dropout=0.0, rank_dropout=0.0, module_dropout=0.0):
+           embedder_dims=None, train_blocks="all", dropout=0.0, rank_dropout=0.0, module_dropout=0.0, cls=None):
     """Freeze every base parameter and wrap the target Linears. Targets: every Linear in layers.*,
     noise_refiner.*, context_refiner.*, final_layer.* (180 on the 2B), narrowed by train_blocks (sd-scripts'
     names); embedders only with embedder_dims=[x, t, cap]. A per-component dim of None means `rank`, 0 skips.
     alpha=None gives every module alpha = its own rank (scale 1); a number is shared, as in sd-scripts.
-    Returns {path: LoRALinear}."""
+    cls: a LoRALinear variant. Returns {path: LoRALinear}."""
     if train_blocks not in TRAIN_BLOCKS:
         raise ValueError(f"train_blocks must be one of {sorted(TRAIN_BLOCKS)}, got {train_blocks!r}")
     if embedder_dims is not None and len(embedder_dims) != 3:
@@ -169,7 +202,7 @@ def inject(model, rank=8, alpha=None, attn_dim=None, mlp_dim=None, mod_dim=None,
             continue
         if isinstance(module, LoRALinear):
             raise ValueError(f"{path} already has a LoRA")
-        out[path] = wrap(model, path, r, alpha, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
+        out[path] = wrap(model, path, r, alpha, cls, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
     return out
 
 
@@ -179,8 +212,8 @@ def lora_modules(model):
 
 
 def lora_parameters(model):
-    """The trainable tensors: every lora_down and lora_up weight (fp32)."""
-    return [p for m in lora_modules(model).values() for p in (m.lora_down.weight, m.lora_up.weight)]
+    """The trainable tensors: every LoRA module's trained() tensors (fp32), in module order."""
+    return [p for m in lora_modules(model).values() for p in m.trained().values()]
 
 
 def merge(model):
@@ -197,30 +230,31 @@ def unmerge(model):
 # saving
 
 
-def lora_state_dict(model, layout="kohya"):
-    """kohya: lora_unet_<path, '.' -> '_'>.lora_down.weight (r, in) / .lora_up.weight (out, r) / .alpha ();
-    diffusion_model: diffusion_model.<path>.lora_A.weight / .lora_B.weight / .alpha (ComfyUI, diffusion-pipe)."""
-    if layout not in ("kohya", "diffusion_model"):
-        raise ValueError(f"layout must be 'kohya' or 'diffusion_model', got {layout!r}")
+# a file's name of a module, per layout: kohya (sd-scripts, ComfyUI) or diffusion_model (ComfyUI, diffusion-pipe, diffusers)
+SAVE_LAYOUTS = {"kohya": lambda path: "lora_unet_" + path.replace(".", "_"), "diffusion_model": lambda path: "diffusion_model." + path}
+
+
+def lora_state_dict(model, layout="kohya", dtype=None):
+    """{file key: tensor} of every LoRA module: its name by SAVE_LAYOUTS[layout], then each part's name by the
+    module's NAMES (kohya: .lora_down.weight (r, in) / .lora_up.weight (out, r) / .alpha (); diffusion_model:
+    .lora_A.weight / .lora_B.weight / .alpha). Trained tensors are cast to dtype (None: as they are); a number
+    (alpha) becomes an fp32 tensor, so that an alpha like 0.3 is not rounded to bf16."""
+    if layout not in SAVE_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, SAVE_LAYOUTS))}, got {layout!r}")
     sd = {}
     for path, m in lora_modules(model).items():
-        if layout == "kohya":
-            name, down, up = "lora_unet_" + path.replace(".", "_"), "lora_down", "lora_up"
-        else:
-            name, down, up = "diffusion_model." + path, "lora_A", "lora_B"
-        sd[f"{name}.{down}.weight"] = m.lora_down.weight.detach()
-        sd[f"{name}.{up}.weight"] = m.lora_up.weight.detach()
-        sd[f"{name}.alpha"] = torch.tensor(m.alpha)
+        for part, v in m.parts().items():
+            key = f"{SAVE_LAYOUTS[layout](path)}.{m.NAMES[layout][part]}"
+            sd[key] = v.detach().to(dtype or v.dtype) if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float32)
     if not sd:
         raise ValueError("the model has no LoRA modules (call lora.inject first)")
     return sd
 
 
 def save_lora(model, path, layout="kohya", metadata=None, dtype=torch.bfloat16):
-    """Write the LoRA as safetensors, atomically. Weights are cast to dtype; alpha stays fp32 so that an
-    alpha like 0.3 is not silently rounded. `metadata` (training settings) is added as strings."""
-    sd = {k: v.to("cpu", torch.float32 if k.endswith(".alpha") else dtype).contiguous()
-          for k, v in lora_state_dict(model, layout).items()}
+    """Write the LoRA as safetensors, atomically, its tensors cast to dtype (alpha stays fp32). `metadata`
+    (training settings) is added as strings."""
+    sd = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model, layout, dtype).items()}
     modules = lora_modules(model).values()
     meta = {"ss_network_module": "networks.lora_lumina",  # the sd-scripts layout, so its tools take the file
             "ss_network_dim": str(Counter(m.rank for m in modules).most_common(1)[0][0]),
@@ -228,14 +262,12 @@ def save_lora(model, path, layout="kohya", metadata=None, dtype=torch.bfloat16):
             "ss_base_model_version": "lumina2", "modelspec.sai_model_spec": "1.0.1",
             "modelspec.architecture": "lumina-2/lora"}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    lumina2.save_file_atomic(sd, path, metadata=meta)
+    save_file_atomic(sd, path, metadata=meta)
 
 
 # -----------------------------------------------------------------------------
 # reading the three layouts
 
-SUFFIXES = {".lora_down.weight": "down", ".lora_A.weight": "down", ".lora_up.weight": "up", ".lora_B.weight": "up",
-            ".alpha": "alpha"}
 # diffusers Lumina2Transformer2DModel name fragment -> ours, applied in order (q/k/v are handled apart)
 DIFFUSERS_NAMES = [("time_caption_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
                    ("time_caption_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
@@ -275,53 +307,57 @@ def peft_alpha(metadata):
 
 
 def fuse_qkv(parts, sizes, path):
-    """diffusers' separate to_q/to_k/to_v LoRAs -> one LoRA on our fused qkv (rows q | k | v). Shared down
-    (what diffusers makes of a fused LoRA) stays rank r with up = cat(B_q, B_k, B_v); otherwise the exact
-    form is rank r_q + r_k + r_v: down = cat(A_q, A_k, A_v), up = blockdiag(B_q s_q, B_k s_k, B_v s_v),
+    """diffusers' separate to_q/to_k/to_v LoRAs ({"q"/"k"/"v": parts}) -> one LoRA on our fused qkv (rows q | k | v).
+    Shared down (what diffusers makes of a fused LoRA) stays rank r with up = cat(B_q, B_k, B_v); otherwise the
+    exact form is rank r_q + r_k + r_v: down = cat(A_q, A_k, A_v), up = blockdiag(B_q s_q, B_k s_k, B_v s_v),
     alpha = that rank, each part's alpha / r folded into its block. A missing part contributes zero rows."""
     got = [parts.get(p) for p in "qkv"]
     for p, part, n in zip("qkv", got, sizes):
-        if part is not None and part[1].shape[0] != n:
-            raise ValueError(f"{path} ({p}): lora_B has {part[1].shape[0]} rows, this model's {p} has {n}")
+        if part is not None and part["up"].shape[0] != n:
+            raise ValueError(f"{path} ({p}): lora_B has {part['up'].shape[0]} rows, this model's {p} has {n}")
     first = got[0]
-    if all(g is not None and torch.equal(g[0], first[0]) and g[2] == first[2] for g in got):
-        return first[0], torch.cat([g[1] for g in got]), first[2]
-    down = torch.cat([g[0] for g in got if g is not None])
-    ups = [g[1] * (g[2] / g[0].shape[0]) if g is not None else torch.zeros(n, 0) for g, n in zip(got, sizes)]
-    return down, torch.block_diag(*ups), float(down.shape[0])
+    if all(g is not None and torch.equal(g["down"], first["down"]) and g["alpha"] == first["alpha"] for g in got):
+        return dict(first, up=torch.cat([g["up"] for g in got]))
+    down = torch.cat([g["down"] for g in got if g is not None])
+    ups = [g["up"] * (g["alpha"] / g["down"].shape[0]) if g is not None else torch.zeros(n, 0) for g, n in zip(got, sizes)]
+    return {"down": down, "up": torch.block_diag(*ups), "alpha": float(down.shape[0])}
 
 
-def parse_lora(sd, model, metadata=None, source="the LoRA"):
-    """{key: tensor} in any of the three layouts -> {module path: (down (r, in), up (out, r), alpha)} fp32.
-    Strict: a key that names no Linear of `model` is an error (a LoRA that silently loads half is worse)."""
-    if not any(k.endswith(tuple(SUFFIXES)) for k in sd):
-        raise ValueError(f"{source} is not a LoRA file (no lora_down/lora_up/lora_A/lora_B tensors): "
-                         f"it looks like {lumina2.describe(sd.keys())}")
+def parse_lora(sd, model, metadata=None, source="the LoRA", cls=None):
+    """{key: tensor} in any of the three layouts -> {module path: parts} with parts = {"down": (r, in), "up":
+    (out, r) fp32, "alpha": float} (and a variant cls's own parts, named by its NAMES). Strict: a key that names
+    no Linear of `model` is an error (a LoRA that silently loads half is worse)."""
+    cls = cls or LoRALinear
+    suffixes = {"." + name: part for names in cls.NAMES.values() for part, name in names.items()}
+    needed = sorted(set(next(iter(cls.NAMES.values()))) - {"alpha"})
+    if not any(k.endswith(tuple(suffixes)) for k in sd):
+        raise ValueError(f"{source} is not a LoRA file (no {'/'.join(s[1:].removesuffix('.weight') for s in suffixes if s != '.alpha')} tensors): "
+                         f"it looks like {weightfiles.describe(sd.keys())}")
     linears = linear_paths(model)
     kohya_names = {"lora_unet_" + p.replace(".", "_"): p for p in linears}
     default_alpha = peft_alpha(metadata or {})
     found, unknown = {}, []
     for key, t in sd.items():
-        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
         path, part = module_for(key[: -len(suffix)], kohya_names) if suffix else (None, None)
         if path not in linears:
             unknown.append(key)
             continue
-        found.setdefault((path, part), {})[SUFFIXES[suffix]] = t.float()
+        found.setdefault((path, part), {})[suffixes[suffix]] = t.float()
     if unknown:
         hint = " (text-encoder LoRAs, lora_te_*, are not supported)" if any(k.startswith("lora_te") for k in unknown) else ""
         raise ValueError(f"{source}: {len(unknown)} keys name no Linear of this model{hint}: {sorted(unknown)[:8]}")
     pieces = {}
     for (path, part), t in found.items():
-        if "down" not in t or "up" not in t:
-            raise ValueError(f"{source}: {path}{'.' + part if part else ''} has {sorted(t)} but needs both down and up")
+        if not all(n in t for n in needed):
+            raise ValueError(f"{source}: {path}{'.' + part if part else ''} has {sorted(t)} but needs both {' and '.join(needed)}")
         down, up = t["down"], t["up"]
         r = down.shape[0]
         if up.shape[1] != r or down.shape[1] != linears[path].in_features:
             raise ValueError(f"{source}: {path} down {tuple(down.shape)} / up {tuple(up.shape)} do not fit "
                              f"a Linear of {linears[path].in_features} -> {linears[path].out_features}")
         alpha = t["alpha"].item() if "alpha" in t else (default_alpha(r) if default_alpha else float(r))
-        pieces.setdefault(path, {})[part] = (down, up, alpha)
+        pieces.setdefault(path, {})[part] = {**t, "alpha": alpha}
     out = {}
     for path, parts in pieces.items():
         if None in parts and len(parts) > 1:
@@ -332,50 +368,49 @@ def parse_lora(sd, model, metadata=None, source="the LoRA"):
             attn = model.get_submodule(path.rpartition(".")[0])
             hq, hkv = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
             out[path] = fuse_qkv(parts, (hq, hkv, hkv), path)
-        if out[path][1].shape[0] != linears[path].out_features:
-            raise ValueError(f"{source}: {path} up has {out[path][1].shape[0]} rows, the model has {linears[path].out_features}")
+        if out[path]["up"].shape[0] != linears[path].out_features:
+            raise ValueError(f"{source}: {path} up has {out[path]['up'].shape[0]} rows, the model has {linears[path].out_features}")
     return out
 
 
-def read_lora(path, model):
-    """A LoRA file -> {module path: (down (r, in) fp32, up (out, r) fp32, alpha float)}. `model` supplies the
-    valid module names (kohya names are matched against them) and the q/k/v split sizes."""
-    f, meta = lumina2.open_safetensors(path)
+def read_lora(path, model, cls=None):
+    """A LoRA file -> {module path: parts} (see parse_lora). `model` supplies the valid module names (kohya names
+    are matched against them) and the q/k/v split sizes."""
+    f, meta = weightfiles.open_safetensors(path)
     sd = {k: f.get_tensor(k) for k in f.keys()}
     check_finite(sd, path)
-    return parse_lora(sd, model, meta, source=path)
+    return parse_lora(sd, model, meta, source=path, cls=cls)
 
 
 def check_finite(sd, path):
     """Refuse a LoRA holding NaN or inf: merged, it would turn every output of the model into NaN (a black image)."""
-    bad = sorted(k for k, t in sd.items() if t.is_floating_point() and lumina2.nonfinite_count(t))
+    bad = sorted(k for k, t in sd.items() if t.is_floating_point() and weightfiles.nonfinite_count(t))
     if bad:
-        raise lumina2.BadInput(f"{path}: {len(bad)} of its {len(sd)} tensors hold NaN/inf values ({', '.join(bad[:3])}"
-                               f"{', ...' if len(bad) > 3 else ''}): was it saved from a diverged run? Use an earlier "
-                               f"checkpoint of it, or train again with a lower learning rate")
+        raise BadInput(f"{path}: {len(bad)} of its {len(sd)} tensors hold NaN/inf values ({', '.join(bad[:3])}"
+                       f"{', ...' if len(bad) > 3 else ''}): was it saved from a diverged run? Use an earlier "
+                       f"checkpoint of it, or train again with a lower learning rate")
 
 
 # -----------------------------------------------------------------------------
 # applying files
 
 
-def load_lora(model, path, multiplier=1.0, merge=True):
+def load_lora(model, path, multiplier=1.0, merge=True, cls=None):
     """Apply one LoRA file. merge=True bakes multiplier * dW into the base weights (fp32 sum, one rounding)
     and leaves plain Linears: no extra compute, but no way back except reloading the base. merge=False
-    wraps each module in a LoRALinear with the file's rank and alpha (multiplier stays settable).
-    Returns the number of modules."""
-    lora_weights = read_lora(path, model)
-    for name, (down, up, alpha) in lora_weights.items():
+    wraps each module in a LoRALinear (or the variant cls) with the file's rank and alpha (multiplier stays
+    settable). Returns the number of modules."""
+    cls = cls or LoRALinear
+    lora_weights = read_lora(path, model, cls)
+    for name, parts in lora_weights.items():
         module = model.get_submodule(name)
         if merge:
-            add_delta(module.weight, down, up, alpha / down.shape[0] * multiplier)
+            add_delta(module.weight, cls.delta(parts, multiplier, module.weight))
             continue
         if isinstance(module, LoRALinear):
             raise ValueError(f"{name} already has a LoRA; load several files with merge=True")
-        m = wrap(model, name, down.shape[0], alpha)
-        with torch.no_grad():
-            m.lora_down.weight.copy_(down)
-            m.lora_up.weight.copy_(up)
+        m = wrap(model, name, parts["down"].shape[0], parts["alpha"], cls)
+        m.load_parts(parts)
         m.multiplier = multiplier
         m.requires_grad_(False)
     return len(lora_weights)

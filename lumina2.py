@@ -16,13 +16,9 @@ returns the velocity v = x0 - noise. Weights are stored in bf16; the fp32 island
     python -c "import lumina2; te = lumina2.load_text_encoder('gemma_2_2b_fp16.safetensors'); print(te(['a cat'])[0].shape)"
 """
 import contextlib
-import json
 import math
-import os
-import shutil
-import uuid
 import warnings
-from collections import Counter
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -30,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTENTION = "sdpa"  # "sdpa" | "flash" | "sage" | "math" (fp32 reference); set it with set_attention(), which checks it
+ATTENTION = "sdpa"  # a key of BACKENDS ("math": the fp32 reference); set it with set_attention(), which checks it
 GEMMA_SOFTCAP = True  # Gemma-2's attention logit softcap of 50 (HF/official); False = ComfyUI/sd-scripts numerics
 
 # -----------------------------------------------------------------------------
@@ -83,9 +79,8 @@ def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
 
 
 # -----------------------------------------------------------------------------
-# attention: one function, four backends, chosen once at start-up by set_attention()
+# attention: one function, the backends of BACKENDS, chosen once at start-up by set_attention()
 
-BACKENDS = ("sdpa", "flash", "sage", "math")
 HALF = (torch.float16, torch.bfloat16)  # the only dtypes the flash-attn and sageattention kernels take
 FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]  # MATH left out
 ROUTES = {}  # route -> attention() calls since the last set_attention() (eager calls; see attention())
@@ -156,18 +151,6 @@ def fused_sdpa_only(device):
     return device.type == "cuda"
 
 
-def attention_route(q, mask):
-    """The path attention() takes for q (its device and dtype) and mask under ATTENTION; plain Python, no device work."""
-    if ATTENTION == "sdpa":
-        if mask is not None:
-            return "sdpa-expanded-masked"
-        # CUDA's flash SDPA has GQA but takes only fp16/bf16; in fp32 the memory-efficient kernel runs, which has no GQA
-        return "sdpa-expanded-unmasked" if fused_sdpa_only(q.device) and q.dtype not in HALF else "sdpa-gqa-unmasked"
-    if ATTENTION == "math":
-        return "math"
-    return ATTENTION + ("-dense" if mask is None else "-varlen")
-
-
 def attention_report(device):
     """For bench.py: the backend, the SDPA kernels the guard allows on `device` ("any" where there is no guard)
     and the routes attention() took since set_attention(), with call counts."""
@@ -177,36 +160,51 @@ def attention_report(device):
 
 def attention(q, k, v, mask):
     """q (B, S, Hq, D), k/v (B, S, Hkv, D) with query head h reading kv head h // (Hq/Hkv); mask None (every key
-    valid) or the forward's AttentionMask. Returns (B, S, Hq, D).
-    Routes on CUDA: sdpa unmasked fp16/bf16 -> flash SDPA with native GQA; sdpa masked (or fp32) -> K/V expanded
-    to the query heads plus the additive bias -> memory-efficient / cuDNN SDPA; flash/sage unmasked -> the dense
-    kernel, masked -> its varlen kernel on the valid tokens (masked query rows come back 0; those rows are
-    discarded downstream). Calls traced by torch.compile are not counted in ROUTES (a traced count would be a
-    constant); the route depends only on ATTENTION, the mask's presence, the device and the dtype."""
-    route = attention_route(q, mask)
-    if not torch.compiler.is_compiling():
-        ROUTES[route] = ROUTES.get(route, 0) + 1
+    valid) or the forward's AttentionMask. Returns (B, S, Hq, D) from the backend ATTENTION names in BACKENDS."""
     if mask is not None and mask.backend != ATTENTION:
         raise RuntimeError(f"an attention mask built for {mask.backend!r} reached attention={ATTENTION!r}: "
                            "call set_attention() before the forward, not during it")
-    if route == "math":
-        return math_attention(q, k, v, None if mask is None else mask.keys)
-    if route == "sdpa-gqa-unmasked":
+    return BACKENDS[ATTENTION](q, k, v, mask)
+
+
+def took(route):
+    """Count an eager call's route in ROUTES. Calls traced by torch.compile are not counted (a traced count would
+    be a constant); a route depends only on the backend, the mask's presence, the device and the dtype."""
+    if not torch.compiler.is_compiling():
+        ROUTES[route] = ROUTES.get(route, 0) + 1
+
+
+def sdpa_attention(q, k, v, mask):
+    """Unmasked fp16/bf16 (or off CUDA): SDPA with native GQA, which CUDA runs as flash SDPA. Masked, or fp32 on
+    CUDA (where the memory-efficient kernel runs, without GQA): K/V expanded to the query heads plus the additive
+    bias, as diffusers does -> memory-efficient / cuDNN SDPA; flash SDPA would take GQA but takes no mask."""
+    if mask is None and (q.dtype in HALF or not fused_sdpa_only(q.device)):
+        took("sdpa-gqa-unmasked")
         return sdpa(q, k, v, gqa=True)
-    if route.startswith("sdpa"):
-        # the memory-efficient and cuDNN kernels take a mask but no GQA, so each kv head is repeated for its
-        # query heads (B, S, Hq, D) as diffusers does; flash SDPA would take GQA but takes no mask
-        groups = q.shape[2] // k.shape[2]
-        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-        return sdpa(q, k, v, bias=None if mask is None else mask.bias.to(q.dtype))
+    took("sdpa-expanded-" + ("unmasked" if mask is None else "masked"))
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    return sdpa(q, k, v, bias=None if mask is None else mask.bias.to(q.dtype))
+
+
+def flash_attention(q, k, v, mask):
+    """flash-attn: the dense kernel unmasked, else its varlen kernel on the valid tokens (masked query rows come
+    back 0; those rows are discarded downstream). GQA by head groups."""
     check_kernel_inputs(q, k, v)
-    if route == "flash-dense":
-        return flash_attn_func(q, k, v)
-    if route == "flash-varlen":
-        return varlen(flash_attn_varlen_func, q, k, v, mask)
-    if route == "sage-dense":
-        return sageattn(q, k, v, tensor_layout="NHD")  # GQA by head groups, like flash-attn
-    return varlen(sageattn_varlen, q, k, v, mask)
+    took("flash-" + ("dense" if mask is None else "varlen"))
+    return flash_attn_func(q, k, v) if mask is None else varlen(flash_attn_varlen_func, q, k, v, mask)
+
+
+def sage_attention(q, k, v, mask):
+    """sageattention (inference only): as flash_attention, with its own dense and varlen kernels."""
+    check_kernel_inputs(q, k, v)
+    took("sage-" + ("dense" if mask is None else "varlen"))
+    return sageattn(q, k, v, tensor_layout="NHD") if mask is None else varlen(sageattn_varlen, q, k, v, mask)
+
+
+def reference_attention(q, k, v, mask):
+    took("math")
+    return math_attention(q, k, v, None if mask is None else mask.keys)
 
 
 def sdpa(q, k, v, bias=None, gqa=False):
@@ -248,6 +246,9 @@ def varlen(kernel, q, k, v, mask):
     pack = lambda t: t.flatten(0, 1).index_select(0, mask.indices)  # (N, heads, D)
     o = kernel(pack(q), pack(k), pack(v), mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen)
     return q.new_zeros(B * S, H, D).index_copy(0, mask.indices, o).view(B, S, H, D)
+
+
+BACKENDS = {"sdpa": sdpa_attention, "flash": flash_attention, "sage": sage_attention, "math": reference_attention}
 
 
 # -----------------------------------------------------------------------------
@@ -644,7 +645,7 @@ class TextEncoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# loaders for the files users bring
+# loaders: one plain, strict loader per model (weightfiles.py checks a file first, then loads it through these)
 
 DIT_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
 AE_PREFIXES = ("", "vae.", "first_stage_model.")
@@ -652,450 +653,77 @@ GEMMA_PREFIXES = ("model.", "text_encoders.gemma2_2b.transformer.model.", "")
 SPIECE_KEYS = ("spiece_model", "text_encoders.spiece_model")
 
 
-class BadInput(ValueError):
-    """A problem with something the user brought (a weight file, an image, a caption, a value), with a message
-    that names it and says what to do. train.py and sample.py print it as one line; any other exception keeps
-    its traceback, since that one is a bug."""
+class FileTensors(Mapping):
+    """A .safetensors file as {name: tensor}: the names under the first of `prefixes` that holds `marker`, with
+    that prefix cut off (all-in-one checkpoints nest each model under one), each tensor read when it is asked for."""
+
+    def __init__(self, path, prefixes, marker):
+        from safetensors import safe_open
+        self.f = safe_open(path, framework="pt", device="cpu")
+        keys = set(self.f.keys())
+        self.prefix = next((p for p in prefixes if p + marker in keys), None)
+        if self.prefix is None:
+            raise ValueError(f"{path} holds no {marker} under any of the prefixes {prefixes}: it is not this model's file")
+        self.names = {k[len(self.prefix):] for k in keys if k.startswith(self.prefix)}
+
+    def __getitem__(self, name):
+        if name not in self.names:
+            raise KeyError(name)
+        return self.f.get_tensor(self.prefix + name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
 
 
-class WriteFailed(OSError):
-    """A file could not be written (full disk, read-only folder, permissions); the file it was to replace,
-    if any, is unchanged."""
-
-
-def atomic_write(path, write):
-    """write(tmp) into a temp file beside `path`, then rename it over `path`: a kill, a full disk or an error
-    mid-write leaves the previous file as it was and no partial temp file behind. The temp name is unique
-    per process and call (two runs never share one), and the file gets the user's normal permissions (the
-    umask), not the 0600 some writers use, so that another user's ComfyUI can read a LoRA."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        free = shutil.disk_usage(os.path.dirname(path) or ".").free if os.path.exists(tmp) else None
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)) or "I/O error" in str(e):  # safetensors' own error type, for one
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if free is not None and free < 2**20:  # torch.save says "unexpected pos ..." for a full disk
-                reason = f"no space left on the device: {free:,} bytes free, {reason}"
-            raise WriteFailed(f"could not write {path} ({reason}); the file it was to replace, if any, is unchanged") from e
-        raise
-
-
-def save_file_atomic(tensors, path, metadata=None):
-    """safetensors save through atomic_write."""
-    from safetensors.torch import save_file
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def open_safetensors(path):
-    """-> (safe_open handle, metadata dict). A missing path, a folder, or a truncated or non-safetensors file
-    raises BadInput saying which."""
-    from safetensors import safe_open
-    if os.path.isdir(path):
-        inside = safetensors_in(path)
-        hint = f" (it holds {', '.join(inside)})" if inside else ""
-        raise BadInput(f"{path} is a directory, not a weight file: pass the .safetensors file itself{hint}")
-    if not os.path.exists(path):
-        raise BadInput(f"weight file not found: {path} (check the path; a relative path is taken from {os.getcwd()})")
-    if not os.path.isfile(path):
-        raise BadInput(f"{path} is not a regular file (a device or a pipe?): pass the .safetensors file itself")
-    try:
-        f = safe_open(path, framework="pt", device="cpu")
-    except Exception as e:
-        raise BadInput(f"{path} is not a readable safetensors file ({os.path.getsize(path):,} bytes; a truncated "
-                       f"download or a .ckpt/.bin pickle?). Pass the .safetensors file itself. Reader said: {e}") from e
-    return f, f.metadata() or {}
-
-
-def safetensors_in(folder):
-    """The first few .safetensors names in a folder, for the message of a folder passed as a file."""
-    try:
-        return sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))[:5]
-    except OSError:
-        return []
-
-
-def describe(keys):
-    """A guess at what a weight file is, from its tensor names, for error messages."""
-    keys = set(keys)
-    has = lambda *frags: any(all(fr in k for fr in frags) for k in keys)
-    if has("text_encoders.") and has("diffusion_model."):
-        return "a ComfyUI all-in-one checkpoint (DiT, Gemma and AE together)"
-    if has("lora_down") or has("lora_A") or has("lora_up"):
-        return "a LoRA file, not a base model"
-    if has("post_feedforward_layernorm"):
-        return "the Gemma-2 text encoder (gemma_2_2b_fp16.safetensors)"
-    if has("decoder.conv_in") or has("decoder.up.0.block"):
-        return "the FLUX autoencoder (ae.safetensors)"
-    if has("cap_embedder.1.weight"):
-        return "a Lumina 2 Next-DiT"
-    if has("attn.to_q") and has("time_caption_embed"):
-        return "a diffusers-format Lumina2Transformer2DModel (pass the original single file, e.g. lumina_2_model_bf16.safetensors)"
-    if has("input_blocks.") or (has("down_blocks.") and has("attentions.")):
-        return "an SD/SDXL UNet"
-    if has("double_blocks."):
-        return "a FLUX transformer"
-    return f"an unknown model (first keys: {sorted(keys)[:3]})"
-
-
-def find_prefix(keys, prefixes, marker, path, wanted):
-    for prefix in prefixes:
-        if prefix + marker in keys:
-            return prefix
-    raise BadInput(f"{path} does not look like {wanted}: it looks like {describe(keys)}. Check which file goes to which setting.")
-
-
-class WeightFile(NamedTuple):
-    """What a safetensors header says about the model stored in it; names are without the model's prefix."""
-    path: str
-    f: object  # the open safe_open handle; tensor data is read through it by load_weights alone
-    prefix: str
-    shapes: dict  # name -> shape tuple
-    dtypes: dict  # name -> safetensors dtype string ("BF16", "F8_E4M3", ...)
-    metadata: dict
-    described: str  # describe() of the whole file
-
-
-def read_header(path, prefixes, marker, wanted):
-    """Open a weight file and read its header only: the names, shapes and dtypes under the first known prefix
-    that holds `marker`."""
-    f, meta = open_safetensors(path)
-    keys = set(f.keys())
-    prefix = find_prefix(keys, prefixes, marker, path, wanted)
-    slices = {k[len(prefix):]: f.get_slice(k) for k in keys if k.startswith(prefix)}
-    return WeightFile(path, f, prefix, {k: tuple(s.get_shape()) for k, s in slices.items()},
-                      {k: s.get_dtype() for k, s in slices.items()}, meta, describe(keys))
-
-
-# the stored dtypes load_weights casts from (fp8 is upcast exactly); integers or float64 in a weight file mean
-# a different kind of file or an edited one
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def fp8_scales(names, expected):
-    """ComfyUI's "scaled fp8" files: a `scaled_fp8` marker tensor (its dtype names the fp8 format), and next
-    to each quantised `<module>.weight` an fp32 `<module>.scale_weight` (W = weight * scale_weight) and
-    sometimes a `<module>.scale_input` (an activation scale for fp8 matmuls, unused once W is upcast).
-    -> {weight name: scale name}, and the names that are not model tensors but belong to that layout."""
-    scales = {n[: -len("scale_weight")] + "weight": n for n in names if n.endswith(".scale_weight")}
-    scales = {w: n for w, n in scales.items() if w in expected and n not in expected}
-    extra = {n for n in names if n == "scaled_fp8" or (n.endswith(".scale_input") and n not in expected)}
-    return scales, set(scales.values()) | extra
-
-
-def listed(names, limit=5):
-    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} {names[:limit]}"
-
-
-def check_tensors(wf, expected, skip=()):
-    """Everything the header tells about the file's tensors, against the model's {name: shape}: every expected
-    name present and no other, each shape the model's, each dtype one that load_weights reads. Raises BadInput
-    listing every problem; -> {weight name: its scale's name} for ComfyUI's scaled-fp8 weights."""
-    names = set(wf.shapes) - set(skip)
-    scales, fp8_extra = fp8_scales(names, expected)
-    names -= fp8_extra
-    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
-    wrong_shape = sorted(n for n in names & set(expected) if wf.shapes[n] != tuple(expected[n]))
-    wrong_dtype = sorted(n for n in (names & set(expected)) | set(scales.values()) if wf.dtypes[n] not in FLOAT_DTYPES)
-    problems = []
-    if missing:
-        problems.append(f"missing {listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {listed(unexpected)}")
-    if wrong_shape:
-        problems.append(f"{listed(wrong_shape)} of the wrong shape: " +
-                        ", ".join(f"{n} is {wf.shapes[n]} where the model has {tuple(expected[n])}" for n in wrong_shape[:5]))
-    if wrong_dtype:
-        problems.append(f"{listed(wrong_dtype)} of a dtype that is not a weight's: " +
-                        ", ".join(f"{n} is {wf.dtypes[n]}" for n in wrong_dtype[:5]) + f" (weights are {'/'.join(FLOAT_DTYPES)})")
-    if problems:
-        raise BadInput(f"{wf.path} ({wf.described}) does not match the model its shapes describe: {'; '.join(problems)}. "
-                       f"A damaged, edited or different file: re-download it or pass the original.")
-    return scales
-
-
-def descale(t, scale):
-    """A scaled-fp8 weight times its scale (one per tensor, or per output row), in fp32: rounded once, by the cast after."""
-    scale = scale.float()
-    return t.float() * (scale if scale.numel() == 1 else scale.reshape(-1, *[1] * (t.dim() - 1)))
-
-
-def nonfinite_count(t):
-    """NaN/inf values in a tensor as stored. An fp32 sum is NaN or inf whenever any element is, so one reduction
-    (no tensor-sized mask) screens it; only a tensor that fails the screen, or whose large finite values
-    overflow the sum, is counted element by element (fp8 upcast first: isfinite has no fp8 kernel)."""
-    if torch.isfinite(t.sum(dtype=torch.float32)):
-        return 0
-    return int((~torch.isfinite(t.float() if t.dtype in FP8_DTYPES else t)).sum())
-
-
-def read_finite(wf, name):
-    """One tensor's data, refused if any value is NaN or inf: such a file would train or sample garbage silently."""
-    t = wf.f.get_tensor(wf.prefix + name)
-    bad = nonfinite_count(t)
-    if bad:
-        raise BadInput(f"{wf.path} has {bad:,} NaN/inf values in {name}: the file is damaged; re-download it")
-    return t
-
-
-def load_weights(model, wf, scales, dtype, device):
-    """Fill a meta-device model strictly from a file check_tensors passed, casting each tensor as it is read so
-    that only one copy of the weights ever exists. Files stored in fp8, plain or ComfyUI-scaled, load too."""
-    sd = {}
-    for name in model.state_dict():
-        t = read_finite(wf, name)
-        if name in scales:
-            t = descale(t, read_finite(wf, scales[name]))
-        sd[name] = t.to(device=device, dtype=dtype)  # a plain fp8 (e4m3fn / e5m2) tensor is upcast here, exactly
-    model.load_state_dict(sd, strict=True, assign=True)
+def fill(model, tensors, dtype, device, extra=()):
+    """A model built on the meta device -> the model holding `tensors` (name -> tensor: a FileTensors, a state dict),
+    strictly: every one of its tensors, each of its shape, and nothing left over but names starting with `extra`.
+    Each tensor is cast as it is read, so only one copy of the weights ever exists (fp8 is upcast exactly)."""
+    names = list(model.state_dict())
+    missing, unused = [k for k in names if k not in tensors], sorted(set(tensors) - set(names))
+    unused = [k for k in unused if not k.startswith(extra)]
+    if missing or unused:
+        raise ValueError(f"the tensors do not fit {type(model).__name__}: missing {missing[:5]}, unused {unused[:5]} "
+                         "(weightfiles.py's loaders say what a file is and which of its tensors is wrong)")
+    model.load_state_dict({k: tensors[k].to(device=device, dtype=dtype) for k in names}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
-class Checked(NamedTuple):
-    """A weight file that passed every header check, and the meta-device model its tensors will fill."""
-    file: WeightFile
-    config: object  # NextDiT / AutoEncoder kwargs, or a Gemma2Config
-    model: nn.Module
-    scales: dict  # {weight name: scale name} of scaled-fp8 weights
-
-
-def shapes_of(model):
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def build_on_meta(cls, config, wf):
-    """cls(**config) on the meta device. Shapes that agree on sizes no model has (a width that is no multiple of
-    the head size, say) fail to build: that is the file's fault, so it is a BadInput."""
-    try:
-        with torch.device("meta"):
-            return cls(**config)
-    except (AssertionError, ValueError, RuntimeError, IndexError) as e:
-        raise BadInput(f"{wf.path} ({wf.described}): its tensor shapes describe no buildable {cls.__name__} ({config}; "
-                       f"{e or type(e).__name__}). A damaged or edited file: re-download it.") from e
-
-
-# -----------------------------------------------------------------------------
-# the config a file's shapes describe: each value is the majority over every tensor that witnesses it, so one
-# damaged tensor is outvoted and the shape check then blames it alone, not its intact neighbours
-
-def majority(values, default):
-    """The value most witnesses agree on; `default` when none is present. A tie (two witnesses, one damaged) goes
-    to `default` if it is among the tied values (the usual size: cap_feat_dim = dim), else to the first listed."""
-    counts = Counter(v for v in values if v > 0)
-    if not counts:
-        return default
-    top = max(counts.values())
-    tied = [v for v, n in counts.items() if n == top]
-    return default if default in tied else tied[0]
-
-
-def sizes(shapes, names, axis):
-    """shapes[n][axis] of each name present with that axis (a tensor of the wrong rank just does not vote)."""
-    return [shapes[n][axis] for n in names if n in shapes and len(shapes[n]) > axis]
-
-
-def ending(shapes, starts, ends):
-    """The names under any of the prefixes `starts` that end with any of `ends`, sorted."""
-    return sorted(k for k in shapes if k.startswith(starts) and k.endswith(ends))
-
-
-def block_count(shapes, starts):
-    """1 + the highest block index under any of the prefixes (e.g. "layers."). A block with some or all of its
-    tensors gone in the middle still counts, so they are reported missing instead of shrinking the model."""
-    found = [int(i) for k in shapes for s in starts if k.startswith(s) and (i := k[len(s):].split(".")[0]).isdigit()]
-    return max(found) + 1 if found else 0
-
-
-DIT_BLOCKS = ("layers.", "noise_refiner.", "context_refiner.")
-
-
-def dit_config_from_shapes(shapes):
-    """Recover NextDiT's constructor arguments from tensor shapes (patch 2, qk_norm assumed). A value no tensor
-    witnesses falls back to the 2B's, so that the shape check can name what is missing."""
-    blocks = lambda *ends: ending(shapes, DIT_BLOCKS, ends)
-    dim = majority(sizes(shapes, ["x_embedder.weight", "x_embedder.bias", "cap_embedder.1.weight", "cap_embedder.1.bias",
-                                  "norm_final.weight", "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"], 0)
-                   + sizes(shapes, ["final_layer.linear.weight"], 1)
-                   + sizes(shapes, blocks(".attention.out.weight", "norm1.weight", "norm2.weight", ".feed_forward.w2.weight"), 0)
-                   + sizes(shapes, blocks(".attention.qkv.weight", ".feed_forward.w1.weight", ".feed_forward.w3.weight"), 1), 2304)
-    head_dim = majority(sizes(shapes, blocks(".attention.q_norm.weight", ".attention.k_norm.weight"), 0), 96)
-    hidden = majority(sizes(shapes, blocks(".feed_forward.w1.weight", ".feed_forward.w3.weight"), 0)
-                      + sizes(shapes, blocks(".feed_forward.w2.weight"), 1), ffn_hidden_dim(dim, 256, None))
-    qkv_rows = majority(sizes(shapes, blocks(".attention.qkv.weight"), 0), dim + 2 * 8 * head_dim)
-    cap_feat_dim = majority(sizes(shapes, ["cap_embedder.0.weight"], 0) + sizes(shapes, ["cap_embedder.1.weight"], 1), dim)
-    patch_in = majority(sizes(shapes, ["x_embedder.weight"], 1) + sizes(shapes, ["final_layer.linear.weight", "final_layer.linear.bias"], 0), 64)
-    a = head_dim // 3 // 2 * 2  # axes split: (32, 32, 32) for head_dim 96, (8, 4, 4) for 16
-    if hidden == ffn_hidden_dim(dim, 256, None):
-        multiple_of, mult = 256, None
-    else:  # round_up(int(mult * 4 dim), hidden) == hidden reproduces any width
-        multiple_of, mult = hidden, (None if hidden >= 4 * dim else hidden / (4 * dim))
-    return dict(patch_size=2, in_channels=patch_in // 4, dim=dim, n_layers=block_count(shapes, ["layers."]),
-                n_refiner_layers=block_count(shapes, ["noise_refiner.", "context_refiner."]), n_heads=dim // head_dim,
-                n_kv_heads=(qkv_rows - dim) // (2 * head_dim), multiple_of=multiple_of, ffn_dim_multiplier=mult,
-                norm_eps=1e-5, qk_norm=True, cap_feat_dim=cap_feat_dim, axes_dims=(head_dim - 2 * a, a, a), axes_lens=(300, 512, 512))
-
-
-def layers_left(config, preset):
-    """"25 of its 26 main layers (layers.25.* missing)", and the same for the refiners, for a preset less layers."""
-    parts = []
-    for key, what, prefixes in (("n_layers", "main", ["layers"]), ("n_refiner_layers", "refiner", ["noise_refiner", "context_refiner"])):
-        have, full = config[key], preset[key]
-        if have < full:
-            gone = [f"{p}.{have}.*" if full - have == 1 else f"{p}.{have}-{full - 1}.*" for p in prefixes]
-            parts.append(f"{have} of its {full} {what} layers ({', '.join(gone)} missing)")
-    return " and ".join(parts)
-
-
-def ffn_width_only(config):
-    """A NextDiT config with multiple_of and ffn_dim_multiplier replaced by the FFN width they give: different
-    pairs build the same model (the tiny preset's 16 and the 256 read back from its file), so only the width compares."""
-    config = dict(config, ffn_hidden=ffn_hidden_dim(config["dim"], config["multiple_of"], config["ffn_dim_multiplier"]))
-    del config["multiple_of"], config["ffn_dim_multiplier"]
-    return config
-
-
-def check_dit_preset(config, path):
-    """A file that is a known preset less some of its layers is refused: a truncated or edited 2B would otherwise
-    load as a smaller model, silently. Any other config that is no preset loads with one warning that names the
-    nearest preset and how this file differs (a custom or test model is fine, a surprise is not)."""
-    config = ffn_width_only(config)
-    presets = {name: ffn_width_only(preset) for name, preset in DIT_PRESETS.items()}
-    diffs = {name: [k for k in preset if config[k] != preset[k]] for name, preset in presets.items()}
-    if not all(diffs.values()):
-        return
-    for name, keys in diffs.items():
-        preset = presets[name]
-        if set(keys) <= {"n_layers", "n_refiner_layers"} and all(config[k] <= preset[k] for k in keys):
-            raise BadInput(f"{path} looks like the {name} Next-DiT with {layers_left(config, preset)}: a truncated or edited "
-                           f"file? Re-download it, or pass the original {name} file.")
-    name = min(diffs, key=lambda n: len(diffs[n]))
-    how = ", ".join(f"{k}={config[k]} where {name} has {presets[name][k]}" for k in diffs[name])
-    warnings.warn(f"{path} is not a known Lumina 2 preset: {how}. It loads as the model its shapes describe; if you "
-                  f"meant the {name} model, this is the wrong file.", stacklevel=4)
-
-
-def inspect_dit(path):
-    """Every check load_dit makes before it reads tensor data, from the safetensors header alone (seconds for the
-    2B), in the order a message is most useful: what it is, its tensors, its preset -> Checked. Raises BadInput for
-    a missing, unreadable, wrong, truncated-to-fewer-layers or damaged file; warns for a config that is no preset."""
-    wf = read_header(path, DIT_PREFIXES, "cap_embedder.1.weight", "a Lumina 2 Next-DiT (lumina_2_model_bf16.safetensors)")
-    config = dit_config_from_shapes(wf.shapes)
-    model = build_on_meta(NextDiT, config, wf)
-    scales = check_tensors(wf, shapes_of(model))
-    check_dit_preset(config, path)
-    return Checked(wf, config, model, scales)
-
-
-def load_dit(path, dtype=torch.bfloat16, device="cpu"):
-    """lumina_2_model_bf16.safetensors / lumina-image-2.safetensors / an all-in-one checkpoint -> NextDiT."""
-    c = inspect_dit(path)
-    return load_weights(c.model, c.file, c.scales, dtype, device)
-
-
-def ae_config_from_shapes(shapes):
-    """The FLUX AE's constructor arguments from tensor shapes, each by majority as for the DiT."""
-    ch = majority(sizes(shapes, ["encoder.conv_in.weight", "encoder.conv_in.bias", "encoder.down.0.block.0.norm1.weight"], 0)
-                  + sizes(shapes, ["encoder.down.0.block.0.conv1.weight"], 1), 128)
-    levels = block_count(shapes, ["encoder.down.", "decoder.up."])
-    res_blocks = majority([block_count(shapes, [f"encoder.down.{i}.block."]) for i in range(levels)]
-                          + [block_count(shapes, [f"decoder.up.{i}.block."]) - 1 for i in range(levels)], 2)
-    # every tensor of level i that is as wide as its output: ch * ch_mult[i] channels, in the encoder and decoder alike
-    outputs = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "norm2.weight", "norm2.bias", "nin_shortcut.weight",
-               "nin_shortcut.bias", "sample.conv.weight", "sample.conv.bias")
-    widths = [majority(sizes(shapes, ending(shapes, (f"encoder.down.{i}.", f"decoder.up.{i}."), outputs), 0), ch) for i in range(levels)]
-    return dict(ch=ch, ch_mult=tuple(max(w // ch, 1) for w in widths), num_res_blocks=res_blocks,
-                z_channels=majority(sizes(shapes, ["decoder.conv_in.weight"], 1)
-                                    + [n // 2 for n in sizes(shapes, ["encoder.conv_out.weight", "encoder.conv_out.bias"], 0)], 16),
-                in_channels=majority(sizes(shapes, ["encoder.conv_in.weight"], 1), 3),
-                out_ch=majority(sizes(shapes, ["decoder.conv_out.weight", "decoder.conv_out.bias"], 0), 3))
-
-
-def inspect_ae(path):
-    """Every check load_ae makes before it reads tensor data, from the header alone: what it is, then its tensors
-    against the model its shapes describe -> Checked. Raises BadInput."""
-    wf = read_header(path, AE_PREFIXES, "decoder.conv_in.weight", "the FLUX autoencoder (ae.safetensors)")
-    config = ae_config_from_shapes(wf.shapes)
-    model = build_on_meta(AutoEncoder, config, wf)
-    return Checked(wf, config, model, check_tensors(wf, shapes_of(model)))
-
-
-def load_ae(path, dtype=torch.bfloat16, device="cpu"):
-    """ae.safetensors (BFL layout, also under a vae. prefix) -> AutoEncoder."""
-    c = inspect_ae(path)
-    return load_weights(c.model, c.file, c.scales, dtype, device)
-
-
-def gemma_file_keys(config):
-    """name -> shape of every tensor a Gemma-2 file holds under `model.` (built on the meta device)."""
-    from transformers import Gemma2Model
+def on_meta(cls, config):
     with torch.device("meta"):
-        sd = Gemma2Model(gemma_config(**config.to_dict())).state_dict()
-    return {k: tuple(v.shape) for k, v in sd.items()}
+        return cls(**config)
 
 
-def gemma_config_of(wf):
-    """gemma-2-2b's config, or the one in the file's `gemma2_config` metadata (tiny test files carry one)."""
-    try:
-        return gemma_config(**json.loads(wf.metadata.get("gemma2_config", "{}")))
-    except (ValueError, TypeError) as e:
-        raise BadInput(f"{wf.path}: its gemma2_config metadata is not a Gemma-2 config ({e}); re-download the file") from e
+def load_dit(source, config="2b", dtype=torch.bfloat16, device="cpu"):
+    """lumina_2_model_bf16.safetensors / lumina-image-2.safetensors / an all-in-one checkpoint (a path), or a
+    {name: tensor} mapping -> NextDiT of `config`: a DIT_PRESETS name or NextDiT's keyword arguments."""
+    tensors = source if isinstance(source, Mapping) else FileTensors(source, DIT_PREFIXES, "cap_embedder.1.weight")
+    return fill(on_meta(NextDiT, DIT_PRESETS[config] if isinstance(config, str) else config), tensors, dtype, device)
 
 
-def tokenizer_proto(wf, tokenizer):
-    """The SentencePiece model: from `tokenizer` (a tokenizer.model file or a folder holding one) if given, else the
-    file's embedded `spiece_model` tensor (small: the one tensor read before the checks pass). Checked to parse."""
-    if tokenizer is not None:
-        source = os.path.join(tokenizer, "tokenizer.model") if os.path.isdir(tokenizer) else tokenizer
-        if not os.path.isfile(source):
-            raise BadInput(f"tokenizer not found: {source} (pass a tokenizer.model file or a folder holding one)")
-        with open(source, "rb") as fh:
-            proto = fh.read()
-    else:
-        spiece = next((k for k in SPIECE_KEYS if k in wf.f.keys()), None)
-        if spiece is None:
-            raise BadInput(f"{wf.path} holds no `spiece_model` tokenizer tensor; pass tokenizer=<folder with tokenizer.model>")
-        source = f"{wf.path}'s {spiece} tensor"
-        proto = wf.f.get_tensor(spiece).numpy().tobytes()
-    import sentencepiece
-    try:
-        sentencepiece.SentencePieceProcessor(model_proto=proto)
-    except RuntimeError as e:
-        raise BadInput(f"{source} is not a SentencePiece tokenizer ({len(proto):,} bytes that do not parse): "
-                       f"a damaged file; re-download it") from e
-    return proto
+def load_ae(source, config="flux", dtype=torch.bfloat16, device="cpu"):
+    """ae.safetensors (BFL layout, also under a vae. prefix), or a {name: tensor} mapping -> AutoEncoder of
+    `config`: an AE_PRESETS name or AutoEncoder's keyword arguments."""
+    tensors = source if isinstance(source, Mapping) else FileTensors(source, AE_PREFIXES, "decoder.conv_in.weight")
+    return fill(on_meta(AutoEncoder, AE_PRESETS[config] if isinstance(config, str) else config), tensors, dtype, device)
 
 
-def inspect_text_encoder(path, tokenizer=None, max_length=256):
-    """Every check load_text_encoder makes before it reads weight data, from the header and the small tokenizer
-    tensor (which must parse): what it is, its config, its tokenizer, its tensors against that config -> Checked."""
-    wf = read_header(path, GEMMA_PREFIXES, "layers.0.post_feedforward_layernorm.weight", "the Gemma-2 text encoder (gemma_2_2b_fp16.safetensors)")
-    config = gemma_config_of(wf)
-    proto = tokenizer_proto(wf, tokenizer)
-    scales = check_tensors(wf, gemma_file_keys(config), skip=SPIECE_KEYS)
+def load_text_encoder(source, config=None, dtype=torch.bfloat16, device="cpu", tokenizer=None, max_length=256):
+    """gemma_2_2b_fp16.safetensors / an all-in-one checkpoint (a path), or a {name: tensor} mapping -> TextEncoder.
+    config: a Gemma2Config (None: gemma-2-2b's); tokenizer: the SentencePiece model as bytes (None: the file's
+    embedded `spiece_model` tensor). The file's last layer and final norm are not loaded: the features come before them."""
+    config = config or gemma_config()
+    tensors = source if isinstance(source, Mapping) else FileTensors(source, GEMMA_PREFIXES, "layers.0.post_feedforward_layernorm.weight")
+    if tokenizer is None:
+        tokenizer = tensors.f.get_tensor(next(k for k in SPIECE_KEYS if k in tensors.f.keys())).numpy().tobytes()
     with torch.device("meta"):
-        te = TextEncoder(config, proto, max_length)
-    return Checked(wf, config, te, scales)
-
-
-def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", tokenizer=None, max_length=256):
-    """gemma_2_2b_fp16.safetensors (or an all-in-one checkpoint) -> TextEncoder. The tokenizer comes from
-    the embedded `spiece_model` tensor, or from `tokenizer` (a tokenizer.model file or a folder holding one).
-    The config is gemma-2-2b's unless the file's metadata carries `gemma2_config` (tiny test files do). The file
-    holds the last layer and final norm too (checked); they are not loaded, since the features come before them."""
-    c = inspect_text_encoder(path, tokenizer, max_length)
-    te = c.model
-    load_weights(te.model, c.file, c.scales, dtype, device)
+        te = TextEncoder(config, tokenizer, max_length)
+    fill(te.model, tensors, dtype, device, extra=(f"layers.{config.num_hidden_layers - 1}.", "norm."))
     # non-persistent buffers are not in the file: rebuild them off the meta device
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RotaryEmbedding
     te.model.rotary_emb = Gemma2RotaryEmbedding(te.model.config).to(device)
-    te.model.embed_tokens.embed_scale = torch.tensor(c.config.hidden_size ** 0.5, device=device)
+    te.model.embed_tokens.embed_scale = torch.tensor(config.hidden_size ** 0.5, device=device)
     return te.eval().requires_grad_(False)

@@ -14,6 +14,8 @@ scaled-fp8 files (a `scale_weight` next to each fp8 weight), the torch.utils.che
     python -c "import lumina2, lora, memory; m = lumina2.load_dit('lumina_2_model_bf16.safetensors'); lora.inject(m, rank=16); \\
                memory.prepare(m, 'cuda', fp8=True, checkpointing=True, blocks_to_swap=20)"
 """
+import resource
+from collections import deque
 from functools import partial
 
 import torch
@@ -152,6 +154,12 @@ class Fp8Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self.scale_weight)
 
 
+def adapter_tensors(module):
+    """ids of the tensors an adapter inside `module` trains: a LoRA module (lora.LoRALinear, or a variant) lists
+    them in its trained(). They stay as they are: in fp32 and resident on the device."""
+    return {id(p) for m in module.modules() if callable(getattr(m, "trained", None)) for p in m.trained().values()}
+
+
 def quantize_fp8(model, granularity="row"):
     """Store every frozen Linear weight inside the transformer blocks (the 30 blocks of the 2B: attention,
     FFN and adaLN modulation, 99.6% of its weights), a LoRALinear's base weight included, as fp8 with a
@@ -160,11 +168,11 @@ def quantize_fp8(model, granularity="row"):
     sd-scripts keeps them. A LoRA's own pair (fp32) is never quantised. Returns the number quantised."""
     count = 0
     for block in blocks(model):
+        own = adapter_tensors(block)
         for path, m in list(block.named_modules()):
-            if path.endswith(("lora_down", "lora_up")) or not isinstance(getattr(m, "weight", None), torch.Tensor) \
-                    or m.weight.dtype in FP8_DTYPES:
+            if not isinstance(getattr(m, "weight", None), torch.Tensor) or id(m.weight) in own or m.weight.dtype in FP8_DTYPES:
                 continue
-            if hasattr(m, "lora_down"):  # lora.LoRALinear: its forward sends an fp8 weight through linear()
+            if callable(getattr(m, "trained", None)):  # a LoRA module: its forward sends an fp8 weight through linear()
                 set_fp8_weight(m, granularity)
             elif type(m) is nn.Linear:
                 parent, _, child = path.rpartition(".")
@@ -228,16 +236,19 @@ def on_backward(fn, args, kwargs):
 
 
 def swapped_tensors(block, prefix=""):
-    """[(name, tensor)]: the frozen parameters and buffers of a block, all but a LoRA's own pair. `prefix`
+    """[(name, tensor)]: the frozen parameters and buffers of a block, all but what its adapters train. `prefix`
     (the block's own path) only names a trainable tensor in the error."""
-    out = []
+    out, own = [], adapter_tensors(block)
     for name, p in block.named_parameters():
-        if name.endswith(("lora_down.weight", "lora_up.weight")):
-            continue  # a LoRA's pair is small (and usually trained): it stays resident on the device
+        if id(p) in own:
+            continue  # a LoRA's own tensors are small (and usually trained): they stay resident on the device
         if p.requires_grad:
             raise ValueError(SWAP_FULL.format(prefix + name))
         out.append((name, p))
     return out + list(block.named_buffers())
+
+
+LOG_LIMIT = 4096  # events a BlockSwap keeps in its log and ran_with
 
 
 class BlockSwap:
@@ -255,8 +266,9 @@ class BlockSwap:
     calls run synchronously, which is what the tests exercise.
 
     Instrumentation: `log` holds (event, layer, slot) for every copy, forward and backward; `ran_with` holds
-    (phase, layer, layer whose weights its slot held); a block that would run with another block's weights
-    raises a RuntimeError. Device memory: the unswapped layers plus n_slots blocks, whatever n."""
+    (phase, layer, layer whose weights its slot held); both keep the last LOG_LIMIT events only (a long run
+    would otherwise grow them by about 6 tuples per swapped layer per step, forever). A block that would run
+    with another block's weights raises a RuntimeError, always. Device memory: the unswapped layers plus n_slots blocks, whatever n."""
 
     def __init__(self, blocks, first_layer, device, n_slots=2):
         self.blocks, self.first, self.device = list(blocks), first_layer, torch.device(device)
@@ -282,7 +294,7 @@ class BlockSwap:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.copied = [torch.cuda.Event() for _ in range(self.n_slots)]  # the slot's last copy is done
             self.used = [torch.cuda.Event() for _ in range(self.n_slots)]  # the kernels reading it are queued before
-        self.log, self.ran_with = [], []
+        self.log, self.ran_with = deque(maxlen=LOG_LIMIT), deque(maxlen=LOG_LIMIT)
 
     def slot_of(self, j):
         return j % self.n_slots
@@ -317,11 +329,11 @@ class BlockSwap:
     def ran(self, j, phase):
         """Block j's `phase` kernels are queued: record with whose weights, and release the slot to the copies."""
         s = self.slot_of(j)
-        self.ran_with.append((phase, self.first + j, None if self.resident[s] is None else self.first + self.resident[s]))
+        held = None if self.resident[s] is None else self.first + self.resident[s]
+        self.ran_with.append((phase, self.first + j, held))
         self.log.append((phase, self.first + j, s))
         if self.resident[s] != j:
-            raise RuntimeError(f"block swap: layer {self.first + j} ran its {phase} with the weights of layer "
-                               f"{self.ran_with[-1][2]} in slot {s}")
+            raise RuntimeError(f"block swap: layer {self.first + j} ran its {phase} with the weights of layer {held} in slot {s}")
         if self.cuda:
             self.used[s].record(torch.cuda.current_stream(self.device))
 
@@ -372,20 +384,34 @@ def swap_blocks(model, n, device, n_slots=2):
 # one ordered setup
 
 
-def check_combination(train_mode="lora", fp8=False, fp8_scaled_mm=False, blocks_to_swap=0, fsdp=False, n_layers=None):
-    """What cannot work together, refused at start-up before anything loads (ValueError)."""
-    if fp8_scaled_mm and not fp8:
-        raise ValueError("fp8_scaled_mm runs the matmuls of an fp8 base: it needs fp8_base=True")
-    if blocks_to_swap < 0 or (n_layers is not None and blocks_to_swap > n_layers):
-        raise ValueError(f"blocks_to_swap must be between 0 and the model's {n_layers} layers, got {blocks_to_swap}")
-    if blocks_to_swap and train_mode == "full":
-        raise ValueError(SWAP_FULL.format("every weight"))
-    if fp8 and train_mode == "full":
-        raise ValueError("fp8_base stores the frozen base in fp8 for LoRA training and sampling; train_mode='full' "
-                         "trains those weights, which needs them (and their optimizer state) in bf16 or fp32")
-    if blocks_to_swap and fsdp:
-        raise ValueError("blocks_to_swap with FSDP2: FSDP shards the parameters and owns where they live, the block "
-                         "swap moves whole frozen blocks itself. Use DDP (LoRA) or blocks_to_swap=0.")
+def combination_problems(train_mode="lora", fp8=False, fp8_scaled_mm=False, blocks_to_swap=0, fsdp=False, n_layers=None):
+    """What cannot work together, as messages: train.py lists them with its other config errors, and prepare()
+    (sample.py, bench.py) refuses the first, before anything loads."""
+    bad = [(fp8_scaled_mm and not fp8, "fp8_scaled_mm runs the matmuls of an fp8 base: it needs fp8_base=True"),
+           (n_layers is not None and not 0 <= blocks_to_swap <= n_layers,
+            f"blocks_to_swap must be between 0 and the model's {n_layers} layers, got {blocks_to_swap}"),
+           (blocks_to_swap and train_mode == "full",
+            "blocks_to_swap needs train_mode='lora': with train_mode='full' the swapped blocks' gradients and optimizer states would "
+            "have to live in CPU RAM and be stepped there; use gradient checkpointing + Adafactor + fused_backward_pass instead"),
+           (fp8 and train_mode == "full", "fp8_base stores the frozen base in fp8 for LoRA training and sampling; train_mode='full' "
+                                          "trains those weights, which needs them (and their optimizer state) in bf16 or fp32"),
+           (blocks_to_swap and fsdp, "blocks_to_swap with FSDP2: FSDP shards the parameters and owns where they live, the block "
+                                     "swap moves whole frozen blocks itself. Use DDP (LoRA) or blocks_to_swap=0.")]
+    return [msg for when, msg in bad if when]
+
+
+def check_combination(**settings):
+    """combination_problems(**settings), the first one raised as a ValueError."""
+    problems = combination_problems(**settings)
+    if problems:
+        raise ValueError(problems[0])
+
+
+def peak_memory_gb(device):
+    """GiB: the CUDA allocator's peak when the run's device is a GPU, else the process's peak RSS since start."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def prepare(model, device, *, fp8=False, fp8_scaled_mm=False, checkpointing=False, compile=False, blocks_to_swap=0):

@@ -1,7 +1,7 @@
 """
 Sample images from Lumina Image 2.0: Gemma-2 captions -> Next-DiT flow ODE (Euler or midpoint, shifted
 sigma grid, CFG with the official t-threshold truncation and norm cap) -> FLUX AE -> PNGs whose text
-chunk records every setting. train.py imports sample(), decode_to_images() and save_png() from here.
+chunk records every setting. train.py imports sample(), decode_to_images() and save_grid() from here.
 
 References (read, not copied): Alpha-VLLM/Lumina-Image-2.0 sample.py and NextDiT.forward_with_cfg (the
 sampling rules), diffusers Lumina2Pipeline + FlowMatchEulerDiscreteScheduler (checked in test_sample.py),
@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import resource
 import time
 import warnings
 from types import SimpleNamespace
@@ -30,7 +29,9 @@ from tqdm import tqdm
 
 import lumina2
 import memory
-from configurator import configure
+import weightfiles
+from configurator import choice_problems, configure
+from files import atomic_write
 
 # -----------------------------------------------------------------------------
 prompt = "a red fox sitting in fresh snow, golden hour"  # used when prompt_file is empty
@@ -113,12 +114,28 @@ def cfg_velocity(model, x, sigma, cond, uncond, cfg=4.0, cfg_trunc=1.0, renorm=1
     return v
 
 
+def euler(velocity, x, s0, s1):
+    return velocity(x, s0)
+
+
+def midpoint(velocity, x, s0, s1):
+    """Half an Euler step, then the full step with the velocity found there: two model calls per interval."""
+    s_mid = (s0 + s1) / 2
+    return velocity(x + (s0 - s_mid) * velocity(x, s0), s_mid)
+
+
+SOLVERS = {"euler": euler, "midpoint": midpoint}  # the velocity each step from sigma s0 to s1 takes
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+OFFLOADS = {"none": None, "model": "cpu"}  # where the models wait while another one runs: on the device, or in CPU RAM
+CHOICES = {"solver": SOLVERS, "dtype": DTYPES, "offload": OFFLOADS, "attention": lumina2.BACKENDS}  # read by the check and --help
+
+
 @torch.no_grad()
 def sample(model, noise, cond, uncond=None, steps=30, cfg=4.0, cfg_trunc=1.0, renorm=1.0, solver="euler", shift=6.0, progress=True):
     """Integrate the flow ODE from sigma = 1 (noise (B, 16, h, w)) to 0 -> latents (B, 16, h, w) fp32.
     cond/uncond: (feats (1 or B, L, D), mask (1 or B, L)); a batch of 1 is shared by all B samples."""
-    if solver not in ("euler", "midpoint"):
-        raise ValueError(f"solver must be 'euler' or 'midpoint', got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
     B = noise.shape[0]
     widen = lambda c: None if c is None else tuple(z.expand(B, *z.shape[1:]) for z in c)
     cond, uncond = widen(cond), widen(uncond)
@@ -128,12 +145,7 @@ def sample(model, noise, cond, uncond=None, steps=30, cfg=4.0, cfg_trunc=1.0, re
     x = noise.float()
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         s0, s1 = sigmas[i], sigmas[i + 1]
-        if solver == "euler":
-            v = velocity(x, s0)
-        else:  # midpoint: half an Euler step, then the full step with the velocity found there
-            s_mid = (s0 + s1) / 2
-            v = velocity(x + (s0 - s_mid) * velocity(x, s0), s_mid)
-        x = x + (s0 - s1) * v  # x_sigma = (1 - sigma) x0 + sigma noise and v = x0 - noise
+        x = x + (s0 - s1) * SOLVERS[solver](velocity, x, s0, s1)  # x_sigma = (1 - sigma) x0 + sigma noise, v = x0 - noise
     return x
 
 
@@ -149,7 +161,7 @@ def save_png(img, path, info):
     """Write img with a tEXt chunk "parameters" = JSON of info, through a temp file + rename."""
     meta = PngInfo()
     meta.add_text("parameters", json.dumps(info))
-    lumina2.atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=meta))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=meta))
 
 
 def save_grid(images, path, info=None):
@@ -161,19 +173,6 @@ def save_grid(images, path, info=None):
     for i, im in enumerate(images):
         sheet.paste(im, ((i % cols) * w, (i // cols) * h))
     save_png(sheet, path, info or {})
-
-
-def place_dit(model, device, blocks_to_swap=0, fp8=False, compile=False, fp8_scaled_mm=False):
-    """Put the DiT where denoising runs, through memory.prepare (LoRAs are merged by then): fp8 weights (and
-    fp8 matmuls), per-block compile, and block swap, which keeps the last layers in CPU RAM and streams them in."""
-    return memory.prepare(model, device, fp8=fp8, fp8_scaled_mm=fp8_scaled_mm, compile=compile, blocks_to_swap=blocks_to_swap)
-
-
-def peak_memory_gb(device):
-    """GiB: the CUDA allocator's peak when the run's device is a GPU, else the process's peak RSS since start."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def next_free_path(out_dir, name):
@@ -242,9 +241,9 @@ def load_models(c, dtype, home):
         raise SystemExit(f"weight file not found: {', '.join(missing)} (set dit_path / gemma_path / ae_path, "
                          f"or try `python sample.py config/sample_demo.py` with tiny demo weights)")
     try:
-        te = lumina2.load_text_encoder(c.gemma_path, dtype, home, max_length=c.max_length)
-        dit = lumina2.load_dit(c.dit_path, dtype, home)
-        ae = lumina2.load_ae(c.ae_path, dtype, home)
+        te = weightfiles.load_text_encoder(c.gemma_path, dtype, home, max_length=c.max_length)
+        dit = weightfiles.load_dit(c.dit_path, dtype, home)
+        ae = weightfiles.load_ae(c.ae_path, dtype, home)
         if c.lora_weights:
             import lora  # only LoRA runs need it
             lora.apply_lora_files(dit, c.lora_weights, merge=True)
@@ -258,23 +257,22 @@ def main(argv=None):
     untouched, so tests and train.py can call this repeatedly."""
     c = SimpleNamespace(**configure(dict(globals()), argv))
     start = time.time()
-    if c.solver not in ("euler", "midpoint") or c.offload not in ("none", "model") or c.batch_size < 1 \
-            or c.dtype not in ("bfloat16", "float16", "float32"):
-        raise SystemExit(f"solver must be euler|midpoint, offload none|model, batch_size >= 1, dtype bfloat16|float16|float32; "
-                         f"got {c.solver!r}, {c.offload!r}, {c.batch_size}, {c.dtype!r}")
+    problems = choice_problems(c, CHOICES) + ([f"batch_size={c.batch_size!r} must be >= 1"] if c.batch_size < 1 else [])
+    if problems:
+        raise SystemExit("config errors:\n  - " + "\n  - ".join(problems))
     jobs = read_jobs(c)
     if c.demo:
-        import data
-        c.dit_path, c.gemma_path, c.ae_path = (data.make_demo_weights(DEMO_DIR)[k] for k in ("dit", "gemma", "ae"))
+        import tinyworld
+        c.dit_path, c.gemma_path, c.ae_path = (tinyworld.make_demo_weights(DEMO_DIR)[k] for k in ("dit", "gemma", "ae"))
     try:  # every setting that can be checked before a weight file is read
-        lumina2.set_attention(c.attention, getattr(torch, c.dtype), c.device)
+        lumina2.set_attention(c.attention, DTYPES[c.dtype], c.device)
         memory.check_combination(fp8=c.fp8_base, fp8_scaled_mm=c.fp8_scaled_mm, blocks_to_swap=c.blocks_to_swap)
         memory.use_scaled_mm(c.fp8_scaled_mm, c.device)
     except (ValueError, ImportError) as e:
         raise SystemExit(str(e)) from None
     if c.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    te, dit, ae = load_models(c, getattr(torch, c.dtype), "cpu" if c.offload == "model" else c.device)
+    te, dit, ae = load_models(c, DTYPES[c.dtype], OFFLOADS[c.offload] or c.device)
 
     # 1. captions: Gemma runs once per distinct text, then is freed (it is never needed again)
     te = te.to(c.device)
@@ -283,7 +281,7 @@ def main(argv=None):
     del te
 
     # 2. denoise: each batch is a slice of one job's seeds; latents wait on the CPU
-    dit = place_dit(dit, c.device, c.blocks_to_swap, c.fp8_base, c.compile, c.fp8_scaled_mm)
+    dit = memory.prepare(dit, c.device, fp8=c.fp8_base, fp8_scaled_mm=c.fp8_scaled_mm, compile=c.compile, blocks_to_swap=c.blocks_to_swap)
     batches = []
     for job in jobs:
         uncond = captions[(job["negative_prompt"], c.negative_system_prompt)] if job["cfg"] != 1.0 else None
@@ -313,7 +311,7 @@ def main(argv=None):
         save_grid(images, paths[-1], dict(images=[os.path.basename(p) for p in paths[:-1]]))
 
     print("\n".join(paths))
-    print(f"{len(images)} images in {time.time() - start:.1f} s, peak memory {peak_memory_gb(c.device):.2f} GiB "
+    print(f"{len(images)} images in {time.time() - start:.1f} s, peak memory {memory.peak_memory_gb(c.device):.2f} GiB "
           f"{'CUDA allocated' if torch.device(c.device).type == 'cuda' else 'process RSS'}")
     return paths
 

@@ -18,15 +18,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import files
 import lumina2
-from testutil import diffusers_to_original, full_width_config, perturb_norms, ragged_batch, rel_err
+import weightfiles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "tests"))  # the shared test helpers, for `python test_parity.py` too
+from testutil import diffusers_to_original, full_width_config, perturb_norms, ragged_batch, rel_err  # noqa: E402
+
 WEIGHTS = os.environ.get("LUMINA2_WEIGHTS")  # a folder with the real files, for the full-size tier
 
 
 def format_shapes(name):
-    with open(os.path.join(HERE, "testdata", name)) as fh:
+    with open(os.path.join(HERE, "tests", "testdata", name)) as fh:
         return {k: tuple(v) for k, v in json.load(fh)["shapes"].items()}
 
 
@@ -44,7 +48,7 @@ def test_dit_matches_diffusers_tiny(tmp_path):
     ref = perturb_norms(Lumina2Transformer2DModel(**TINY_DIFFUSERS)).eval()
     path = str(tmp_path / "tiny_dit.safetensors")
     save_file(diffusers_to_original(ref.state_dict()), path)
-    ours = lumina2.load_dit(path, dtype=torch.float32)
+    ours = weightfiles.load_dit(path, dtype=torch.float32)
     x, t, cap, mask = ragged_batch()
     with torch.no_grad():
         want = ref(x, t, cap, mask, return_dict=False)[0]
@@ -61,7 +65,7 @@ def test_dit_full_width_through_diffusers_converter(tmp_path):
     cfg = full_width_config()
     path = str(tmp_path / "wide_dit.safetensors")
     save_file(perturb_norms(lumina2.NextDiT(**cfg)).state_dict(), path)
-    ours = lumina2.load_dit(path, dtype=torch.float32)
+    ours = weightfiles.load_dit(path, dtype=torch.float32)
     assert ours.layers[0].feed_forward.w1.out_features == 64
     ref = Lumina2Transformer2DModel(hidden_size=2304, num_layers=1, num_refiner_layers=1, num_attention_heads=24,
                                     num_kv_heads=8, multiple_of=64, ffn_dim_multiplier=cfg["ffn_dim_multiplier"],
@@ -84,7 +88,7 @@ def test_2b_names_and_shapes_equal_the_real_file():
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == format_shapes("lumina_2_model_bf16.json")
     assert len(got) == 400 and sum(v.numel() for v in model.state_dict().values()) == 2_609_771_456
-    assert lumina2.dit_config_from_shapes(got) == lumina2.DIT_PRESETS["2b"]
+    assert weightfiles.dit_config_from_shapes(got) == lumina2.DIT_PRESETS["2b"]
 
 
 def test_flux_ae_names_and_shapes_equal_the_real_file():
@@ -97,7 +101,7 @@ def test_flux_ae_names_and_shapes_equal_the_real_file():
 def test_gemma_loader_accepts_exactly_the_real_names():
     want = format_shapes("gemma_2_2b_fp16.json")
     want.pop("spiece_model")
-    got = {"model." + k: v for k, v in lumina2.gemma_file_keys(lumina2.gemma_config()).items()}
+    got = {"model." + k: v for k, v in weightfiles.gemma_file_keys(lumina2.gemma_config()).items()}
     assert got == want
 
 
@@ -111,7 +115,7 @@ def test_ae_matches_diffusers(tmp_path):
     ae = perturb_norms(lumina2.AutoEncoder(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2, z_channels=16))
     path = str(tmp_path / "ae.safetensors")
     save_file(ae.state_dict(), path)
-    ours = lumina2.load_ae(path, dtype=torch.float32)
+    ours = weightfiles.load_ae(path, dtype=torch.float32)
     ref = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[32, 64, 64, 64], layers_per_block=2,
                         latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
@@ -180,7 +184,7 @@ def gemma_file(tmp_path_factory):
 
 def test_gemma_features_match_transformers(gemma_file):
     path, ref, _ = gemma_file
-    te = lumina2.load_text_encoder(path, dtype=torch.float32)
+    te = weightfiles.load_text_encoder(path, dtype=torch.float32)
     assert len(te.model.layers) == TINY_GEMMA["num_hidden_layers"] - 1  # the last layer is never built or run
     captions = ["a cat", "a blue dog runs on a red chair with digits 0123"]
     feats, mask = te(captions)
@@ -198,7 +202,7 @@ def test_gemma_features_match_transformers(gemma_file):
 def test_tokenizer_ids_equal_sentencepiece(gemma_file):
     import sentencepiece as spm
     path, _, proto = gemma_file
-    te = lumina2.load_text_encoder(path, dtype=torch.float32)
+    te = weightfiles.load_text_encoder(path, dtype=torch.float32)
     sp = spm.SentencePieceProcessor(model_proto=proto, add_bos=True, add_eos=False)
     ids, mask = te.tokenize(TRICKY)
     for row, m, text in zip(ids, mask, TRICKY):
@@ -209,13 +213,13 @@ def test_tokenizer_ids_equal_sentencepiece(gemma_file):
 def test_tokenizer_from_a_local_folder(gemma_file, tmp_path):
     path, _, proto = gemma_file
     (tmp_path / "tokenizer.model").write_bytes(proto)
-    a = lumina2.load_text_encoder(path, dtype=torch.float32)
-    b = lumina2.load_text_encoder(path, dtype=torch.float32, tokenizer=str(tmp_path))
+    a = weightfiles.load_text_encoder(path, dtype=torch.float32)
+    b = weightfiles.load_text_encoder(path, dtype=torch.float32, tokenizer=str(tmp_path))
     assert all(torch.equal(x, y) for x, y in zip(a.tokenize(TRICKY), b.tokenize(TRICKY)))
 
 
 def test_tokenizer_truncates_to_max_length_with_a_warning(gemma_file):
-    te = lumina2.load_text_encoder(gemma_file[0], dtype=torch.float32, max_length=16)
+    te = weightfiles.load_text_encoder(gemma_file[0], dtype=torch.float32, max_length=16)
     with pytest.warns(UserWarning, match="truncated to 16"):
         ids, mask = te.tokenize(["a cat " * 40])
     assert ids.shape == (1, 16) and mask.all()
@@ -241,11 +245,11 @@ def test_comfyui_all_in_one_checkpoint_loads(tmp_path, gemma_file):
     sd["text_encoders.spiece_model"] = gemma["spiece_model"]
     path = str(tmp_path / "all_in_one.safetensors")
     save_file(sd, path, metadata={"gemma2_config": json.dumps(TINY_GEMMA)})
-    d = lumina2.load_dit(path)
+    d = weightfiles.load_dit(path)
     assert d.x_embedder.weight.dtype == torch.bfloat16 and torch.equal(d.x_embedder.weight, dit.x_embedder.weight.bfloat16())
-    a = lumina2.load_ae(path, dtype=torch.float32)
+    a = weightfiles.load_ae(path, dtype=torch.float32)
     assert torch.equal(a.decoder.conv_out.weight, ae.decoder.conv_out.weight)
-    te = lumina2.load_text_encoder(path, dtype=torch.float32)
+    te = weightfiles.load_text_encoder(path, dtype=torch.float32)
     assert te(["a cat"])[0].shape[-1] == TINY_GEMMA["hidden_size"]
 
 
@@ -276,38 +280,38 @@ def test_bf16_forward_stays_near_fp32(tiny_dit):
 def test_bad_files_say_what_they_are(tmp_path, gemma_file):
     from diffusers import Lumina2Transformer2DModel
     path = str(tmp_path / "x.safetensors")
-    with pytest.raises(lumina2.BadInput, match="weight file not found"):
-        lumina2.load_dit(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(files.BadInput, match="weight file not found"):
+        weightfiles.load_dit(str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="this is the Gemma|looks like the Gemma-2 text encoder"):
-        lumina2.load_dit(gemma_file[0])
+        weightfiles.load_dit(gemma_file[0])
     torch.manual_seed(0)
     save_file(Lumina2Transformer2DModel(**TINY_DIFFUSERS).state_dict(), path)
     with pytest.raises(ValueError, match="diffusers-format Lumina2Transformer2DModel"):
-        lumina2.load_dit(path)
+        weightfiles.load_dit(path)
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4), "model.diffusion_model.out.2.weight": torch.zeros(4)}, path)
     with pytest.raises(ValueError, match="SD/SDXL UNet"):
-        lumina2.load_dit(path)
+        weightfiles.load_dit(path)
     save_file(lumina2.AutoEncoder(**lumina2.AE_PRESETS["tiny"]).state_dict(), path)
     with pytest.raises(ValueError, match="FLUX autoencoder"):
-        lumina2.load_dit(path)
+        weightfiles.load_dit(path)
     with pytest.raises(ValueError, match="looks like the FLUX autoencoder"):
-        lumina2.load_text_encoder(path)
+        weightfiles.load_text_encoder(path)
     with open(gemma_file[0], "rb") as fh:
         head = fh.read(5000)
     with open(path, "wb") as fh:
         fh.write(head)
     with pytest.raises(ValueError, match="not a readable safetensors file .*truncated"):
-        lumina2.load_dit(path)
+        weightfiles.load_dit(path)
     with open(path, "wb") as fh:
         fh.write(b"PK\x03\x04 a zip-based .ckpt, not safetensors" * 10)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
-        lumina2.load_ae(path)
+        weightfiles.load_ae(path)
     torch.manual_seed(0)
     sd = lumina2.NextDiT(**lumina2.DIT_PRESETS["tiny"]).state_dict()
     sd.pop("layers.1.ffn_norm2.weight")
     save_file(sd, path)
     with pytest.raises(ValueError, match="missing 1 .*layers.1.ffn_norm2.weight"):
-        lumina2.load_dit(path)
+        weightfiles.load_dit(path)
 
 
 # -----------------------------------------------------------------------------
@@ -327,7 +331,7 @@ def test_real_dit_matches_diffusers():
     from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
     path = real_file("lumina_2_model_bf16.safetensors", "lumina-image-2.safetensors")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    ours = lumina2.load_dit(path, dtype=torch.float32, device=dev)
+    ours = weightfiles.load_dit(path, dtype=torch.float32, device=dev)
     with torch.device(dev):
         ref = Lumina2Transformer2DModel(cap_feat_dim=2304)
     ref.load_state_dict(convert_lumina2_to_diffusers(dict(ours.state_dict())), strict=True)
@@ -342,7 +346,7 @@ def test_real_ae_matches_diffusers():
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     path = real_file("ae.safetensors")
-    ours = lumina2.load_ae(path, dtype=torch.float32)
+    ours = weightfiles.load_ae(path, dtype=torch.float32)
     ref = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                         block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16,
                         use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)

@@ -13,14 +13,18 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import data
-import sample
+import memory
+import optim
+import tinyworld
 import train
+import weightfiles
 from testutil import cli_args
 
 
 def run(weights, out, *args):
-    folder = data.make_demo_dataset(str(out / "img"), n=4)
+    folder = tinyworld.make_demo_dataset(str(out / "img"), n=4)
     return train.main(cli_args(weights) + [f"--train_data_dir={folder}", f"--output_dir={out / 'out'}", "--network_dim=4", *args])
 
 
@@ -88,20 +92,20 @@ def test_a_state_from_another_device_type_resumes_with_a_warning(weights, tmp_pa
 
 def test_the_loop_syncs_the_host_once_per_logged_step(weights, tmp_path, monkeypatch):
     """Loss, grad norm and sigma stay on the device until a logged step: 6 optimizer steps of 2 micro-batches
-    with log_every=3 read tensor values into Python twice in train.py (.item(), .tolist() or float() on a
-    tensor), plus once per save (is every weight finite?). torch's own CPU-side reads, like AdamW's step
-    counter, are not device syncs and are not counted."""
-    calls = []
+    with log_every=3 read tensor values into Python twice in the loop's code (train.py, checkpoint.py, optim.py:
+    .item(), .tolist() or float() on a tensor), plus once per save (is every weight finite?). torch's own
+    CPU-side reads, like AdamW's step counter, are not device syncs and are not counted."""
+    calls, ours = [], {train.__file__, checkpoint.__file__, optim.__file__}
     for name in ("item", "tolist", "__float__"):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *a, _o=original, _n=name):
-            if sys._getframe(1).f_code.co_filename == train.__file__:
+            if sys._getframe(1).f_code.co_filename in ours:
                 calls.append(_n)
             return _o(self, *a)
         monkeypatch.setattr(torch.Tensor, name, counted)
     steps = []
-    monkeypatch.setattr(train, "step_after_backward", lambda *a, _f=train.step_after_backward: (steps.append(len(calls)), _f(*a))[1])
+    monkeypatch.setattr(optim, "step_after_backward", lambda *a, _f=optim.step_after_backward, **k: (steps.append(len(calls)), _f(*a, **k))[1])
     out = run(weights, tmp_path, "--max_train_steps=6", "--gradient_accumulation_steps=2", "--log_every=3")
     during = len(calls) - steps[0]  # from the first optimizer step on (the set-up before it may read values)
     assert during == 2 + 1, calls[steps[0]:]  # 2 logged flushes, and the final save's check that every weight is finite
@@ -126,18 +130,18 @@ def test_peak_memory_follows_the_runs_device(monkeypatch):
     """A CPU run reports the process RSS even on a machine with a GPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: pytest.fail("asked CUDA for a CPU run"))
-    assert sample.peak_memory_gb("cpu") > 0
+    assert memory.peak_memory_gb("cpu") > 0
 
 
 def test_latents_are_encoded_in_ieee_fp32(weights, tmp_path, monkeypatch):
     """cuDNN runs fp32 convolutions in TF32 unless told otherwise; the cache encoder turns that off for its
     duration (and restores it), so GPU- and CPU-made caches of one fingerprint agree."""
     seen = []
-    ae = train.lumina2.load_ae(weights["ae"], dtype=torch.float32)
+    ae = weightfiles.load_ae(weights["ae"], dtype=torch.float32)
     encode = ae.encode
     monkeypatch.setattr(ae, "encode", lambda x, **k: (seen.append(torch.backends.cudnn.conv.fp32_precision), encode(x, **k))[1])
     before = torch.backends.cudnn.conv.fp32_precision
-    ds = data.Dataset(data.make_demo_dataset(str(tmp_path / "img"), n=2), resolution=64)
+    ds = data.Dataset(tinyworld.make_demo_dataset(str(tmp_path / "img"), n=2), resolution=64)
     ds.cache_latents(ae)
     assert seen == ["ieee", "ieee"] and torch.backends.cudnn.conv.fp32_precision == before
 
@@ -146,12 +150,12 @@ def test_ddp_gradients_are_zeroed_in_place():
     """Under DDP with gradient_as_bucket_view a gradient is a view of the all-reduce bucket: the step zeroes
     it in place (same storage next step) instead of dropping it (which would make the reducer allocate anew)."""
     p = torch.nn.Parameter(torch.ones(4))
-    opt = train.Optimizer([[p]], "AdamW", 1e-2, 0.0, "stochastic", 0, zero_grads_in_place=True)
+    opt = optim.Optimizer([[p]], "AdamW", 1e-2, 0.0, "stochastic", 0, zero_grads_in_place=True)
     p.grad = torch.full((4,), 0.5)
     ptr = p.grad.data_ptr()
     opt.step(0)
     assert p.grad is not None and p.grad.data_ptr() == ptr and not p.grad.any() and (p.detach() < 1).all()
-    plain = train.Optimizer([[p]], "AdamW", 1e-2, 0.0, "stochastic", 0)
+    plain = optim.Optimizer([[p]], "AdamW", 1e-2, 0.0, "stochastic", 0)
     p.grad = torch.full((4,), 0.5)
     plain.step(0)
     assert p.grad is None  # one process: the gradient's memory is freed

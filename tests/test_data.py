@@ -1,7 +1,7 @@
 """
 Tests for data.py: buckets, folder scanning, the latent and caption caches (reuse, invalidation, equality
 with a direct encode), caption dropout with cached features, and the deterministic, resumable batches.
-CPU only, offline, tiny random models from data.make_demo_weights.
+CPU only, offline, tiny random models from tinyworld.make_demo_weights.
 
     python -m pytest -q test_data.py
 """
@@ -20,7 +20,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
 import data
+import files
 import lumina2
+import tinyworld
+import weightfiles
 
 SYS = lumina2.SYSTEM_PROMPTS["base"]
 
@@ -29,7 +32,7 @@ SYS = lumina2.SYSTEM_PROMPTS["base"]
 
 @pytest.fixture
 def demo(tmp_path):
-    return data.make_demo_dataset(str(tmp_path / "images"), n=6)
+    return tinyworld.make_demo_dataset(str(tmp_path / "images"), n=6)
 
 
 def count_calls(monkeypatch, obj, name):
@@ -210,13 +213,13 @@ def test_16bit_mid_grey_trains_as_mid_grey(tmp_path):
 def test_high_bit_depth_modes_in_memory():
     ramp = np.linspace(0, 65535, 256).round().reshape(4, 64)
     want = to_8bit_reference(ramp.astype(np.uint16))
-    as_int = data.to_8bit(Image.fromarray(ramp.astype(np.int32)))  # mode I, as some Pillow versions open 16-bit PNGs
+    as_int = files.to_8bit(Image.fromarray(ramp.astype(np.int32)))  # mode I, as some Pillow versions open 16-bit PNGs
     assert as_int.mode == "L" and np.abs(np.asarray(as_int).astype(int) - want).max() <= 1
     small = np.arange(256, dtype=np.int32).reshape(4, 64)  # mode I holding 8-bit values: kept as they are
-    assert np.array_equal(np.asarray(data.to_8bit(Image.fromarray(small))), small)
-    unit = data.to_8bit(Image.fromarray((ramp / 65535).astype(np.float32)))  # mode F in [0, 1]: x 255
+    assert np.array_equal(np.asarray(files.to_8bit(Image.fromarray(small))), small)
+    unit = files.to_8bit(Image.fromarray((ramp / 65535).astype(np.float32)))  # mode F in [0, 1]: x 255
     assert np.abs(np.asarray(unit).astype(int) - want).max() <= 1
-    wide = data.to_8bit(Image.fromarray(np.array([[-5, 0, 100.4, 300]], np.float32)))  # mode F outside [0, 1]: clipped
+    wide = files.to_8bit(Image.fromarray(np.array([[-5, 0, 100.4, 300]], np.float32)))  # mode F outside [0, 1]: clipped
     assert np.asarray(wide).tolist() == [[0, 0, 100, 255]]
 
 
@@ -286,11 +289,11 @@ def test_scan_empty_folder_is_a_clear_error(tmp_path):
 
 
 def test_captions_not_utf8_are_all_listed_with_offsets(tmp_path):
-    data.make_demo_dataset(str(tmp_path), n=14)
+    tinyworld.make_demo_dataset(str(tmp_path), n=14)
     for k in range(12):  # Latin-1 "café" in 12 of the 14 captions: 0xe9 is not UTF-8
         (tmp_path / f"shape_{k:03d}.txt").write_bytes(b"caf\xe9")
     (tmp_path / "shape_000.txt").write_bytes(b"\xef\xbb\xbf" + b"a" * 10000 + b"\xe9")  # past Python's first read chunk, after a BOM
-    with pytest.raises(lumina2.BadInput) as e:
+    with pytest.raises(files.BadInput) as e:
         data.Dataset(str(tmp_path), resolution=64)
     said = str(e.value)
     assert "12 caption file(s) are not UTF-8" in said and "re-save them as UTF-8" in said and "and 2 more" in said
@@ -301,19 +304,19 @@ def test_captions_not_utf8_are_all_listed_with_offsets(tmp_path):
 
 
 def test_metadata_file_not_utf8_or_not_json_names_the_place(tmp_path):
-    data.make_demo_dataset(str(tmp_path / "img"), n=1)
+    tinyworld.make_demo_dataset(str(tmp_path / "img"), n=1)
     meta = tmp_path / "meta.json"
     meta.write_bytes(b'{"shape_000": {"caption": "caf\xe9"}}')
-    with pytest.raises(lumina2.BadInput, match=r"meta\.json is not UTF-8 \(byte 0xe9 at offset 30\): re-save it as UTF-8"):
+    with pytest.raises(files.BadInput, match=r"meta\.json is not UTF-8 \(byte 0xe9 at offset 30\): re-save it as UTF-8"):
         data.scan_metadata(str(meta), str(tmp_path / "img"))
     meta.write_text('{"shape_000": {"caption": "a"},\n "shape_001" {"caption": "b"}}')
-    with pytest.raises(lumina2.BadInput, match=r"meta\.json' is not valid JSON: line 2, column 14: Expecting ':' delimiter"):
+    with pytest.raises(files.BadInput, match=r"meta\.json' is not valid JSON: line 2, column 14: Expecting ':' delimiter"):
         data.scan_metadata(str(meta), str(tmp_path / "img"))
 
 
 def test_demo_dataset_is_deterministic(tmp_path):
-    a = data.make_demo_dataset(str(tmp_path / "a"), n=6)
-    b = data.make_demo_dataset(str(tmp_path / "b"), n=6)
+    a = tinyworld.make_demo_dataset(str(tmp_path / "a"), n=6)
+    b = tinyworld.make_demo_dataset(str(tmp_path / "b"), n=6)
     for name in sorted(os.listdir(a)):
         assert open(os.path.join(a, name), "rb").read() == open(os.path.join(b, name), "rb").read()
     sizes = {Image.open(os.path.join(a, f)).size for f in os.listdir(a) if f.endswith(".png")}
@@ -411,7 +414,7 @@ def test_text_cache_reuse_and_rebuild(demo, te, tmp_path, monkeypatch):
 def test_truncation_warning_names_the_caption_file(demo, weights):
     """The demo prompts are 55 to 70 tokens with the system prompt; one caption made 150 tokens long is the one
     truncated at 100, and its warning names its file and quotes it (not the system prompt every prompt starts with)."""
-    te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32, max_length=100)
+    te = weightfiles.load_text_encoder(weights["gemma"], dtype=torch.float32, max_length=100)
     long = "a red circle on a white background " * 8
     with open(os.path.join(demo, "shape_003.txt"), "w") as f:
         f.write(long)
@@ -428,8 +431,8 @@ def test_truncation_warning_names_the_caption_file(demo, weights):
 
 
 def test_dataset_holds_no_model(demo, weights):
-    ae = lumina2.load_ae(weights["ae"], dtype=torch.float32)
-    te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
+    ae = weightfiles.load_ae(weights["ae"], dtype=torch.float32)
+    te = weightfiles.load_text_encoder(weights["gemma"], dtype=torch.float32)
     ds = data.Dataset(demo, resolution=64)
     ds.cache_latents(ae)
     ds.cache_text(te, SYS, 256)

@@ -14,15 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import files
 import lora
 import lumina2
 import sample
+import weightfiles
 from testutil import one_image_dataset, run, run_sample
 
 
 def edited(weights, kind, tmp_path, edit):
     """A copy of a demo file with `edit(state dict)` applied (metadata kept) -> its path."""
-    meta = lumina2.open_safetensors(weights[kind])[1]
+    meta = weightfiles.open_safetensors(weights[kind])[1]
     sd = load_file(weights[kind])
     edit(sd)
     path = str(tmp_path / os.path.basename(weights[kind]))
@@ -45,18 +47,18 @@ def drop_prefix(*prefixes):
 
 
 def inspect(kind, path):
-    return getattr(lumina2, {"dit": "inspect_dit", "ae": "inspect_ae", "gemma": "inspect_text_encoder"}[kind])(path).config
+    return getattr(weightfiles, {"dit": "inspect_dit", "ae": "inspect_ae", "gemma": "inspect_text_encoder"}[kind])(path).config
 
 
 def load(kind, path):
-    return getattr(lumina2, {"dit": "load_dit", "ae": "load_ae", "gemma": "load_text_encoder"}[kind])(path, dtype=torch.float32)
+    return getattr(weightfiles, {"dit": "load_dit", "ae": "load_ae", "gemma": "load_text_encoder"}[kind])(path, dtype=torch.float32)
 
 
 def refused_by_both(kind, path, pattern):
     """The header check and the loader fail alike (one code path) -> the message."""
-    with pytest.raises(lumina2.BadInput, match=pattern) as a:
+    with pytest.raises(files.BadInput, match=pattern) as a:
         inspect(kind, path)
-    with pytest.raises(lumina2.BadInput, match=pattern) as b:
+    with pytest.raises(files.BadInput, match=pattern) as b:
         load(kind, path)
     assert str(a.value) == str(b.value)
     return str(a.value)
@@ -82,14 +84,14 @@ class HeaderOnly:
 
 def test_inspect_reads_only_the_header_and_agrees_with_the_loader(weights, monkeypatch):
     reads = []
-    opened = lumina2.open_safetensors
-    monkeypatch.setattr(lumina2, "open_safetensors", lambda path: (HeaderOnly(opened(path)[0], reads), opened(path)[1]))
+    opened = weightfiles.open_safetensors
+    monkeypatch.setattr(weightfiles, "open_safetensors", lambda path: (HeaderOnly(opened(path)[0], reads), opened(path)[1]))
     dit, ae, te = (inspect(k, weights[k]) for k in ("dit", "ae", "gemma"))
     assert reads == ["spiece_model"]  # the tokenizer (small, parsed to check it), no weight
     assert dit == dict(lumina2.DIT_PRESETS["tiny"], multiple_of=256)  # the FFN width 256 reads back as multiple_of 256
     assert ae == dict(lumina2.AE_PRESETS["tiny"], in_channels=3, out_ch=3)
     assert te.hidden_size == 64
-    model = lumina2.load_dit(weights["dit"], dtype=torch.float32)
+    model = weightfiles.load_dit(weights["dit"], dtype=torch.float32)
     assert len(model.layers) == dit["n_layers"] and model.x_embedder.weight.shape == (dit["dim"], 64)
 
 
@@ -156,16 +158,16 @@ def test_a_preset_less_a_layer_is_refused(weights, tmp_path):
 
 def test_the_2b_less_its_last_layer_is_refused_from_shapes():
     with torch.device("meta"):
-        shapes = lumina2.shapes_of(lumina2.NextDiT(**lumina2.DIT_PRESETS["2b"]))
-    config = lumina2.dit_config_from_shapes({k: v for k, v in shapes.items() if not k.startswith("layers.25.")})
-    with pytest.raises(lumina2.BadInput, match=re.escape("looks like the 2b Next-DiT with 25 of its 26 main layers (layers.25.* missing)")):
-        lumina2.check_dit_preset(config, "lumina_2_model_bf16.safetensors")
-    config = lumina2.dit_config_from_shapes({k: v for k, v in shapes.items() if not k.startswith(("noise_refiner.1.", "context_refiner.1."))})
-    with pytest.raises(lumina2.BadInput, match=re.escape("1 of its 2 refiner layers")):
-        lumina2.check_dit_preset(config, "lumina_2_model_bf16.safetensors")
+        shapes = weightfiles.shapes_of(lumina2.NextDiT(**lumina2.DIT_PRESETS["2b"]))
+    config = weightfiles.dit_config_from_shapes({k: v for k, v in shapes.items() if not k.startswith("layers.25.")})
+    with pytest.raises(files.BadInput, match=re.escape("looks like the 2b Next-DiT with 25 of its 26 main layers (layers.25.* missing)")):
+        weightfiles.check_dit_preset(config, "lumina_2_model_bf16.safetensors")
+    config = weightfiles.dit_config_from_shapes({k: v for k, v in shapes.items() if not k.startswith(("noise_refiner.1.", "context_refiner.1."))})
+    with pytest.raises(files.BadInput, match=re.escape("1 of its 2 refiner layers")):
+        weightfiles.check_dit_preset(config, "lumina_2_model_bf16.safetensors")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lumina2.check_dit_preset(lumina2.dit_config_from_shapes(shapes), "lumina_2_model_bf16.safetensors")  # the 2B itself: silent
+        weightfiles.check_dit_preset(weightfiles.dit_config_from_shapes(shapes), "lumina_2_model_bf16.safetensors")  # the 2B itself: silent
 
 
 def test_a_non_preset_config_loads_with_one_warning(weights, tmp_path):
@@ -174,8 +176,8 @@ def test_a_non_preset_config_loads_with_one_warning(weights, tmp_path):
     save_file(lumina2.NextDiT(**dict(lumina2.DIT_PRESETS["tiny"], n_layers=5)).state_dict(), path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = lumina2.load_dit(path, dtype=torch.float32)
-        lumina2.load_dit(weights["dit"], dtype=torch.float32)  # the tiny preset itself: no warning
+        model = weightfiles.load_dit(path, dtype=torch.float32)
+        weightfiles.load_dit(weights["dit"], dtype=torch.float32)  # the tiny preset itself: no warning
     assert len(model.layers) == 5
     assert [str(w.message) for w in caught] == [f"{path} is not a known Lumina 2 preset: n_layers=5 where tiny has 2. It loads "
                                                 "as the model its shapes describe; if you meant the tiny model, this is the wrong file."]
@@ -200,7 +202,7 @@ def test_non_finite_values_are_refused_on_load(weights, tmp_path, kind, name, dt
     path = edited(weights, kind, tmp_path, poisoned(name, 3, dtype))
     inspect(kind, path)  # the header is fine: values are only seen when read
     bare = name.removeprefix("model.")
-    with pytest.raises(lumina2.BadInput, match=re.escape(f"has 3 NaN/inf values in {bare}: the file is damaged; re-download it")):
+    with pytest.raises(files.BadInput, match=re.escape(f"has 3 NaN/inf values in {bare}: the file is damaged; re-download it")):
         load(kind, path)
 
 
@@ -210,27 +212,27 @@ def test_nan_in_fp8_e4m3_is_refused(weights, tmp_path):
             sd[k] = sd[k].float().to(torch.float8_e4m3fn)
         sd["layers.1.feed_forward.w2.weight"][0, :2] = float("nan")  # e4m3fn has NaN but no inf
     path = edited(weights, "dit", tmp_path, edit)
-    with pytest.raises(lumina2.BadInput, match=r"has 2 NaN/inf values in layers.1.feed_forward.w2.weight"):
-        lumina2.load_dit(path, dtype=torch.float32)
+    with pytest.raises(files.BadInput, match=r"has 2 NaN/inf values in layers.1.feed_forward.w2.weight"):
+        weightfiles.load_dit(path, dtype=torch.float32)
 
 
 def nan_lora(weights, tmp_path):
-    model = lumina2.load_dit(weights["dit"], dtype=torch.float32)
+    model = weightfiles.load_dit(weights["dit"], dtype=torch.float32)
     lora.inject(model, rank=2)
     path = str(tmp_path / "diverged.safetensors")
     lora.save_lora(model, path, dtype=torch.float32)
     sd = load_file(path)
     for k in sorted(k for k in sd if k.endswith("lora_down.weight"))[:4]:
         sd[k][0, 0] = float("nan")
-    save_file(sd, path, metadata=lumina2.open_safetensors(path)[1])
+    save_file(sd, path, metadata=weightfiles.open_safetensors(path)[1])
     return path
 
 
 def test_a_lora_with_nan_is_refused(weights, tmp_path):
     path = nan_lora(weights, tmp_path)
-    model = lumina2.load_dit(weights["dit"], dtype=torch.float32)
+    model = weightfiles.load_dit(weights["dit"], dtype=torch.float32)
     for merge in (True, False):
-        with pytest.raises(lumina2.BadInput, match=re.escape(path) + r": 4 of its \d+ tensors hold NaN/inf values "
+        with pytest.raises(files.BadInput, match=re.escape(path) + r": 4 of its \d+ tensors hold NaN/inf values "
                                                    r"\(lora_unet_.*, \.\.\.\): was it saved from a diverged run\?"):
             lora.apply_lora_files(model, [f"{path};0.8"], merge=merge)
 
@@ -257,7 +259,7 @@ def test_train_checks_the_files_before_caching(weights, tmp_path, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the weight files were checked")
 
-    monkeypatch.setattr(lumina2, "load_ae", no_load)
+    monkeypatch.setattr(weightfiles, "load_ae", no_load)
     with pytest.raises(SystemExit, match=re.escape("missing 1 tensor ['layers.0.attention.q_norm.weight']")):  # one line
         run({**weights, "dit": bad}, tmp_path, f"--train_data_dir={one_image_dataset(str(tmp_path / 'img'))}")
     assert not (tmp_path / "out" / "cache").exists()

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
 import lora
 import lumina2
 import sample
 import train
+import weightfiles
 
 
 def rel_err(a, b):
@@ -167,8 +169,8 @@ MEMORISATION_SEEDS = (123, 0, 1, 2, 3, 4, 5, 6)
 def memorisation_error(weights, tmp_path, model, caption, seeds=MEMORISATION_SEEDS):
     """Sample the training caption from fixed noise draws (one per seed, 20 Euler steps) and compare with the
     training latent: the mean over the draws of |sample - latent| / |latent|."""
-    te = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32)
-    ae = lumina2.load_ae(weights["ae"], dtype=torch.float32)
+    te = weightfiles.load_text_encoder(weights["gemma"], dtype=torch.float32)
+    ae = weightfiles.load_ae(weights["ae"], dtype=torch.float32)
     img = data.to_tensor(Image.open(tmp_path / "img" / "circle.png").convert("RGB"))[None]
     with torch.no_grad():
         target = ae.encode(img)
@@ -179,22 +181,24 @@ def memorisation_error(weights, tmp_path, model, caption, seeds=MEMORISATION_SEE
     return ((got - target).flatten(1).norm(dim=1) / target.norm()).mean().item()
 
 
-def flipped_target_loss(model, x0, cap_feats, cap_mask, sigma, noise):
-    """A convention bug on purpose: the target is noise - x0 (the sign ComfyUI applies outside the model)."""
-    s = sigma.view(-1, 1, 1, 1)
-    v = model((1 - s) * x0 + s * noise, 1 - sigma, cap_feats, cap_mask)
-    return torch.nn.functional.mse_loss(v.float(), noise - x0)
+def flipped_target_loss(model, *args, **kwargs):
+    """A convention bug on purpose: the target is noise - x0 (the sign ComfyUI applies outside the model), made by
+    negating the model's output inside train.py's own loss: mse(-v, x0 - noise) = mse(v, noise - x0)."""
+    return TRUE_LOSS(lambda *a, **k: -model(*a, **k), *args, **kwargs)
+
+
+TRUE_LOSS = train.flow_matching_loss  # kept here: the tests that replace train.flow_matching_loss call it
 
 
 def killed_then_resumed(weights, tmp_path, monkeypatch, args):
     """Run, killed right after its first state file is written (the step-3 checkpoint), then resume it."""
-    saved = train.save_state
+    saved = checkpoint.save_state
 
-    def save_then_die(obj, path):
-        saved(obj, path)
+    def save_then_die(*a, **k):
+        saved(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_state", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(weights, tmp_path, *args)
     monkeypatch.undo()
@@ -208,7 +212,7 @@ def run_sample(weights, out_dir, *flags):
                         "--steps=2", "--prompt=a red circle on a white background", *flags])
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: where train.py runs
 
 
 def torchrun(args, nproc=2, fresh=None, script="train.py"):
@@ -219,7 +223,7 @@ def torchrun(args, nproc=2, fresh=None, script="train.py"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     for attempt in (1, 2):
-        res = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         if res.returncode == 0:
             return res
         output = res.stdout[-3000:] + res.stderr[-3000:]

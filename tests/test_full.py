@@ -14,12 +14,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import data
 import lumina2
+import optim
+import tinyworld
 import train
-from testutil import cli_args, full_width_config, killed_then_resumed, memorisation_error, one_image_dataset, run, torchrun
+import weightfiles
+from testutil import ROOT, cli_args, full_width_config, killed_then_resumed, memorisation_error, one_image_dataset, run, torchrun
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def bf16_neighbours(x):
@@ -32,7 +35,7 @@ def bf16_neighbours(x):
 
 def rounded(x, g):
     out = torch.empty(x.shape, dtype=torch.bfloat16)
-    train.stochastic_round_(out, x, g)
+    optim.stochastic_round_(out, x, g)
     return out.float()
 
 
@@ -52,11 +55,11 @@ def test_stochastic_rounding_is_unbiased():
 
 
 def quadratic_run(w0, target, dtype, update, steps=1000, lr=1e-4):
-    """AdamW on 0.5 ||w - target||^2 from w0, through train.Optimizer (update = None: torch's AdamW on
+    """AdamW on 0.5 ||w - target||^2 from w0, through optim.Optimizer (update = None: torch's AdamW on
     the bf16 tensor directly, i.e. round-to-nearest after every step)."""
     p = torch.nn.Parameter(w0.to(dtype, copy=True))
     opt = torch.optim.AdamW([p], lr=lr, weight_decay=0.0) if update is None else \
-        train.Optimizer([[p]], "AdamW", lr, 0.0, update, seed=0)
+        optim.Optimizer([[p]], "AdamW", lr, 0.0, update, seed=0)
     for _ in range(steps):
         p.grad = (p.detach().float() - target).to(dtype)
         opt.step() if update is None else opt.step(0)
@@ -99,7 +102,7 @@ def test_bf16_update_methods_on_the_tiny_model(weights, tmp_path, monkeypatch):
 
     loss = {"fp32": final_loss("fp32"), "bf16 stochastic": final_loss("sr", "--mixed_precision=bf16"),
             "bf16 master": final_loss("master", "--mixed_precision=bf16", "--bf16_update=master")}
-    monkeypatch.setattr(train, "stochastic_round_", lambda dst, src, generator: dst.copy_(src))
+    monkeypatch.setattr(optim, "stochastic_round_", lambda dst, src, *a, **k: dst.copy_(src))
     loss["bf16 round-to-nearest"] = final_loss("nearest", "--mixed_precision=bf16")
     print("final loss (mean of the last 20 of 200 steps): " + ", ".join(f"{k} {v:.4f}" for k, v in loss.items()))
     assert abs(loss["bf16 stochastic"] - loss["fp32"]) < 0.02 * loss["fp32"]
@@ -127,7 +130,7 @@ def test_memorisation_adafactor_bf16_fused(weights, tmp_path):
 def test_fused_backward_equals_the_step_after_backward(weights, tmp_path, extra):
     """The fused step updates each tensor inside backward; the same deterministic update after backward must
     give the same weights, bit for bit (no clipping: fused clips per tensor, the plain path globally)."""
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=6)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=6)
     args = full_args(folder, "--max_grad_norm=0.0", "--train_batch_size=2", "--max_train_steps=4", "--learning_rate=1e-3", *extra)
     a = run(weights, tmp_path / "a", *args)["model"].state_dict()
     b = run(weights, tmp_path / "b", *args, "--fused_backward_pass=True", "--gradient_checkpointing=True")["model"].state_dict()
@@ -138,14 +141,14 @@ def test_fused_backward_equals_the_step_after_backward(weights, tmp_path, extra)
 def test_fused_backward_never_holds_the_whole_models_gradients(weights, tmp_path, monkeypatch):
     """Count, at every tensor step, how many trained tensors hold a gradient: exactly one with the
     fused step (backward reaches each tensor once), all of them in the plain path."""
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
-    step, held = train.Optimizer.step, []
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=4)
+    step, held = optim.Optimizer.step, []
 
     def counting_step(self, i):
         held.append(sum(p.grad is not None for g in self.groups for p in g))
         step(self, i)
 
-    monkeypatch.setattr(train.Optimizer, "step", counting_step)
+    monkeypatch.setattr(optim.Optimizer, "step", counting_step)
     args = full_args(folder, "--mixed_precision=bf16", "--train_batch_size=2", "--max_train_steps=2", "--gradient_checkpointing=True")
     n = sum(p.requires_grad for p in run(weights, tmp_path / "a", *args, "--fused_backward_pass=True")["model"].parameters())
     fused = max(held)
@@ -156,7 +159,7 @@ def test_fused_backward_never_holds_the_whole_models_gradients(weights, tmp_path
 
 
 def test_adafactor_with_an_absolute_learning_rate_warns(weights, tmp_path):
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=2)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=2)
     with pytest.warns(UserWarning, match="5e-4"):
         run(weights, tmp_path, *full_args(folder, "--optimizer_type=Adafactor", "--learning_rate=1e-5", "--max_train_steps=1"))
 
@@ -171,7 +174,7 @@ def test_fused_backward_needs_full_mode_one_process_no_accumulation(weights, tmp
 def test_full_resume_is_bit_exact(weights, tmp_path, monkeypatch):
     """bf16 + Adafactor + stochastic rounding + fused step + EMA on CPU, killed after its step-3 checkpoint and
     resumed: the model, the EMA and the state equal an uninterrupted run (the rounding noise is resumed too)."""
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=8)
     args = full_args(folder, "--mixed_precision=bf16", "--optimizer_type=Adafactor", "--fused_backward_pass=True",
                      "--ema_decay=0.9", "--train_batch_size=2", "--caption_dropout_rate=0.3", "--learning_rate=1e-2",
                      "--lr_scheduler=cosine", "--max_train_steps=6", "--save_every_n_steps=3")
@@ -190,7 +193,7 @@ def test_ema_follows_its_formula(weights, tmp_path, every):
     """bf16 weights are exact in the per-step model files, so the EMA can be recomputed here from them:
     e_0 = w_0, and at every `every`-th step e = d^every e + (1 - d^every) w in fp32 (the other steps leave it);
     the saved EMA is that, rounded to bf16."""
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=4)
     d = 0.7
     run(weights, tmp_path, *full_args(folder, "--mixed_precision=bf16", "--ema_decay=0.7", "--train_batch_size=2",
                                       f"--ema_every={every}", "--learning_rate=1e-2", "--max_train_steps=4",
@@ -219,17 +222,17 @@ def test_full_model_file_loads_in_our_loader_and_diffusers(weights, tmp_path):
     from diffusers import Lumina2Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
     torch.manual_seed(0)
-    cfg = dict(full_width_config(), cap_feat_dim=data.DEMO_GEMMA["hidden_size"])
+    cfg = dict(full_width_config(), cap_feat_dim=tinyworld.DEMO_GEMMA["hidden_size"])
     base = str(tmp_path / "wide.safetensors")
     save_file({k: v.to(torch.bfloat16) for k, v in lumina2.NextDiT(**cfg).state_dict().items()}, base)
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=2)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=2)
     trained = run({**weights, "dit": base}, tmp_path, *full_args(folder, "--mixed_precision=bf16", "--max_train_steps=2",
                                                                   "--learning_rate=1e-3", "--gradient_checkpointing=True"))
     path = trained["lora"]
     with safe_open(path, "pt") as f, safe_open(base, "pt") as g:
         assert set(f.keys()) == set(g.keys()) and "norm_final.weight" in f.keys()
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-    ours = lumina2.load_dit(path, dtype=torch.float32)
+    ours = weightfiles.load_dit(path, dtype=torch.float32)
     model_sd = trained["model"].state_dict()
     assert all(torch.equal(v, model_sd[k].float()) for k, v in ours.state_dict().items())
     assert not torch.equal(load_file(path)["layers.0.attention.qkv.weight"], load_file(base)["layers.0.attention.qkv.weight"])
@@ -266,7 +269,7 @@ def test_two_processes_equal_one_with_the_combined_batch(weights, tmp_path, mode
     """13 images in 3 aspect buckets (5/4/4) cut into global batches of 4: a short batch of 1 leaves one rank
     with no sample (it runs with weight 0), the others split evenly. Noise and sigma are drawn per global batch,
     so both runs see the same numbers and must agree to fp32 summation noise. Only rank 0 writes files."""
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=13)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=13)
     common = cli_args(weights) + [
         f"--train_data_dir={folder}", f"--train_mode={mode}", "--learning_rate=1e-3", "--max_train_steps=5",
         "--cache_latents_to_disk=True", "--cache_text_encoder_outputs_to_disk=True",
@@ -300,17 +303,17 @@ def test_two_processes_equal_one_with_the_combined_batch(weights, tmp_path, mode
 
 
 # train.py under torchrun with two spies: FSDP2's reduce-scatter (one foreach_reduce per sharded unit per
-# backward that syncs) and train.full_state_dict (what each rank holds when the weights are gathered for a save)
+# backward that syncs) and checkpoint.full_state_dict (what each rank holds when the weights are gathered for a save)
 FSDP_SPY = """
 import json, os, sys
 sys.path.insert(0, {here!r})
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group
-import train
+import checkpoint, train
 reduces, gathered = [], []
-real_reduce, real_gather = _fsdp_param_group.foreach_reduce, train.full_state_dict
+real_reduce, real_gather = _fsdp_param_group.foreach_reduce, checkpoint.full_state_dict
 _fsdp_param_group.foreach_reduce = lambda *a, **k: reduces.append(1) or real_reduce(*a, **k)
-train.full_state_dict = lambda *a: (lambda sd: gathered.append(len(sd)) or sd)(real_gather(*a))
+checkpoint.full_state_dict = lambda *a: (lambda sd: gathered.append(len(sd)) or sd)(real_gather(*a))
 out = train.main(sys.argv[1:])
 units = sum(isinstance(m, FSDPModule) for m in out["model"].modules())
 with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
@@ -322,8 +325,8 @@ def test_fsdp_reduces_once_per_step_and_gathers_to_rank_0(weights, tmp_path):
     """Accumulation 2 over 3 optimizer steps: gradients are reduce-scattered at the last micro-step of each
     step only (3 x the sharded units, not 6 x), and a save gathers the whole model on rank 0 alone."""
     spy = tmp_path / "spy.py"
-    spy.write_text(FSDP_SPY.format(here=HERE, out=str(tmp_path)))
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
+    spy.write_text(FSDP_SPY.format(here=ROOT, out=str(tmp_path)))
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=8)
     torchrun(cli_args(weights) + [f"--train_data_dir={folder}", "--train_mode=full", "--parallel=fsdp", "--resolution=64",
                                   "--train_batch_size=1", "--gradient_accumulation_steps=2", "--max_train_steps=3",
                                   f"--output_dir={tmp_path / 'out'}"], fresh=tmp_path / "out", script=str(spy))
@@ -357,7 +360,7 @@ def test_fsdp_resume_is_bit_exact(weights, tmp_path):
     """FSDP2 on 2 processes, bf16 + Adafactor + stochastic rounding + EMA: 3 steps, then a resumed run to 6,
     equals 6 steps in one go (constant LR, so stopping at 3 is the same as being killed after that checkpoint).
     Each rank resumes its own shard, optimizer state and rounding generator."""
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=8)
     common = cli_args(weights) + [
         "--mixed_precision=bf16", f"--train_data_dir={folder}", "--train_mode=full", "--parallel=fsdp",
         "--optimizer_type=Adafactor", "--learning_rate=1e-2", "--ema_decay=0.9", "--train_batch_size=2"]

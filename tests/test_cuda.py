@@ -48,6 +48,8 @@ import lora
 import lumina2
 import memory
 import sample
+import tinyworld
+import weightfiles
 from testutil import (assert_same_training, batch, full_width_config, loss_of, perturb_norms, ragged_batch, rel_err,
                       tiny_lora_model, train_lora)
 
@@ -166,12 +168,12 @@ def test_bf16_ae_stays_near_fp32(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_gemma_stays_near_fp32(weights, device):
-    low = lumina2.load_text_encoder(weights["gemma"], dtype=torch.bfloat16, device=device)
-    ref = lumina2.load_text_encoder(weights["gemma"], dtype=torch.float32, device=device)
+    low = weightfiles.load_text_encoder(weights["gemma"], dtype=torch.bfloat16, device=device)
+    ref = weightfiles.load_text_encoder(weights["gemma"], dtype=torch.float32, device=device)
     with torch.no_grad():  # the file is fp16: give the fp32 model the bf16-rounded weights
         for p, q in zip(ref.parameters(), low.parameters()):
             p.copy_(q.float())
-    captions = data.DEMO_SENTENCES[:3]  # 65, 63 and 72 tokens with the system prompt: padded rows
+    captions = tinyworld.DEMO_SENTENCES[:3]  # 65, 63 and 72 tokens with the system prompt: padded rows
     feats, mask = low(captions)
     with data.exact_fp32():
         want, want_mask = ref(captions)

@@ -7,14 +7,17 @@ tiny random models written in the real file layouts.
 """
 import math
 import statistics
+from types import SimpleNamespace
 
 import numpy
+
 import pytest
 import torch
 from PIL import Image
 
 import data
 import sample
+import tinyworld
 import train
 from testutil import flipped_target_loss, killed_then_resumed, memorisation_error, one_image_dataset, run
 
@@ -30,7 +33,8 @@ def test_timestep_sampling_matches_its_formula(mode, side):
     h = w = side // 8
     mu = 0.5 + 0.65 * ((h // 2) * (w // 2) - 256) / 3840
     assert math.isclose({512: 0.63, 1024: 1.15, 2048: 3.23}[side], mu, abs_tol=1e-9)
-    sig = train.sample_sigmas(n, mode, (h, w), torch.Generator().manual_seed(0), flow_shift=6.0, sigmoid_scale=1.0)
+    c = SimpleNamespace(timestep_sampling=mode, discrete_flow_shift=6.0, sigmoid_scale=1.0)
+    sig = train.sample_sigmas(n, (h, w), torch.Generator().manual_seed(0), c)
     assert sig.shape == (n,) and sig.min() > 0 and sig.max() < 1
     normal = statistics.NormalDist()
     for q in (0.05, 0.25, 0.5, 0.75, 0.95):  # every mode is monotone in its draw, so quantiles map through
@@ -90,7 +94,7 @@ def test_memorisation(weights, tmp_path, monkeypatch, mode, extra):
 
 
 def test_resume_is_bit_exact(weights, tmp_path, monkeypatch):
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=8)
     args = [f"--train_data_dir={folder}", "--train_batch_size=2", "--caption_dropout_rate=0.3", "--network_dim=4",
             "--learning_rate=1e-3", "--lr_scheduler=cosine", "--network_dropout=0.1", "--gradient_accumulation_steps=2",
             "--max_train_steps=6", "--save_every_n_steps=3"]
@@ -105,7 +109,7 @@ def test_resume_is_bit_exact(weights, tmp_path, monkeypatch):
 
 
 def test_kill_during_checkpoint_save_keeps_the_previous_one(weights, tmp_path, monkeypatch):
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=4)
     args = [f"--train_data_dir={folder}", "--network_dim=4"]
     first = run(weights, tmp_path, *args, "--max_train_steps=2")
     before = torch.load(first["state"], weights_only=False)
@@ -143,7 +147,7 @@ def test_resolution_must_be_a_multiple_of_16(weights, tmp_path):
 
 def test_trained_lora_changes_samples(weights, tmp_path):
     """The LoRA a run saves (kohya layout) loads in sample.py and changes the image; multiplier 0 does not."""
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=4)
     out = run(weights, tmp_path, f"--train_data_dir={folder}", "--max_train_steps=5", "--learning_rate=1e-2")
     common = [f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}", f"--ae_path={weights['ae']}",
               "--device=cpu", "--dtype=float32", "--width=64", "--height=64", "--steps=3", "--seeds=[5]"]

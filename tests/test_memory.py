@@ -22,6 +22,8 @@ import data
 import lora
 import lumina2
 import memory
+import tinyworld
+import weightfiles
 from testutil import (TINY, assert_same_training, batch, full_width_config, loss_of, perturb_norms, ragged_batch,
                       run_sample, tiny_lora_model, train_lora)
 
@@ -137,7 +139,7 @@ def test_swap_refuses_full_finetuning_and_bad_combinations():
 
 
 def test_sampling_with_swap_and_fp8_gives_identical_pngs(tmp_path):
-    weights = data.make_demo_weights(str(tmp_path / "weights"))  # the tiny DiT has 2 layers
+    weights = tinyworld.make_demo_weights(str(tmp_path / "weights"))  # the tiny DiT has 2 layers
     png = lambda paths: open(paths[0], "rb").read()
     plain = png(run_sample(weights, tmp_path / "plain", "--seeds=[3]"))
     assert png(run_sample(weights, tmp_path / "swap1", "--seeds=[3]", "--blocks_to_swap=1")) == plain
@@ -339,7 +341,7 @@ def test_load_dit_from_fp8_and_scaled_fp8_files(tmp_path):
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # plain fp8 files: every tensor stored in fp8
         path = str(tmp_path / f"{dtype}.safetensors")
         save_file({k: v.to(dtype) for k, v in sd.items()}, path)
-        loaded = lumina2.load_dit(path, dtype=torch.float32).state_dict()
+        loaded = weightfiles.load_dit(path, dtype=torch.float32).state_dict()
         assert all(torch.equal(loaded[k], v.to(dtype).float()) for k, v in sd.items())  # the upcast is exact
 
     # ComfyUI's scaled fp8: 2-D weights as e4m3fn / scale_weight (an fp32 scalar, not a power of two),
@@ -357,16 +359,16 @@ def test_load_dit_from_fp8_and_scaled_fp8_files(tmp_path):
             expected[k] = scaled[key].float()
     path = str(tmp_path / "scaled.safetensors")
     save_file(scaled, path)
-    loaded = lumina2.load_dit(path, dtype=torch.float32).state_dict()
+    loaded = weightfiles.load_dit(path, dtype=torch.float32).state_dict()
     assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], expected[k]) for k in sd)
     assert max(rel(loaded[k], sd[k]) for k in sd if sd[k].dim() == 2) < 0.05  # and close to the original
 
     # memory.quantize_fp8's own state_dict (per-row scales) is such a file too
-    model = lumina2.load_dit(path, dtype=torch.float32)
+    model = weightfiles.load_dit(path, dtype=torch.float32)
     memory.quantize_fp8(model)
     path = str(tmp_path / "ours.safetensors")
     save_file({**model.state_dict(), "scaled_fp8": torch.empty(0, dtype=memory.FP8)}, path)
-    again = lumina2.load_dit(path, dtype=torch.float32)
+    again = weightfiles.load_dit(path, dtype=torch.float32)
     b = batch(0, hw=(4, 4))
     assert torch.equal(again(*b), model(*b))
 

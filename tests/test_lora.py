@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import lora
 import lumina2
+import weightfiles
 from testutil import rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -117,14 +118,14 @@ def test_save_read_load_round_trip(tmp_path, layout):
     want = run(model, batch)
     path = str(tmp_path / "l.safetensors")
     lora.save_lora(model, path, layout=layout, metadata={"ss_learning_rate": 1e-4}, dtype=torch.float32)
-    meta = lumina2.open_safetensors(path)[1]
+    meta = weightfiles.open_safetensors(path)[1]
     assert meta["ss_base_model_version"] == "lumina2" and meta["modelspec.architecture"] == "lumina-2/lora"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "3.0" and meta["ss_learning_rate"] == "0.0001"
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
     fresh = tiny_model()
     read = lora.read_lora(path, fresh)
-    assert read["layers.0.attention.qkv"][0].shape == (6, 64) and read["layers.0.adaLN_modulation.1"][2] == 3.0
+    assert read["layers.0.attention.qkv"]["down"].shape == (6, 64) and read["layers.0.adaLN_modulation.1"]["alpha"] == 3.0
     assert lora.load_lora(fresh, path, merge=False) == len(lora.lora_modules(model))
     assert torch.equal(run(fresh, batch), want)  # bit-identical: same weights, same ops
 
@@ -223,7 +224,7 @@ def test_diffusion_model_file_through_diffusers(tmp_path):
     path = str(tmp_path / "dm.safetensors")
     lora.save_lora(ours, path, layout="diffusion_model", dtype=torch.float32)
 
-    f, _ = lumina2.open_safetensors(path)
+    f, _ = weightfiles.open_safetensors(path)
     sd = {k: f.get_tensor(k) for k in f.keys()}
     # diffusers' converter takes neither `.alpha` keys nor final_layer (it raises on leftovers), and PEFT
     # without alpha scales by 1: fold alpha / r into lora_B, and map final_layer by diffusers' module names
@@ -327,8 +328,8 @@ def test_handwritten_diffusers_peft_file_with_split_qkv(tmp_path):
     save_file(sd, file, metadata={"lora_adapter_metadata": json.dumps({"transformer.r": 3, "transformer.lora_alpha": 8})})
 
     read = lora.read_lora(file, model)
-    assert read["layers.0.attention.qkv"][0].shape == (9, 64)  # distinct A: rank 2 + 3 + 4, block-diagonal up
-    assert read["layers.1.attention.qkv"][0].shape == (4, 64)  # shared A: stays rank 4
+    assert read["layers.0.attention.qkv"]["down"].shape == (9, 64)  # distinct A: rank 2 + 3 + 4, block-diagonal up
+    assert read["layers.1.attention.qkv"]["down"].shape == (4, 64)  # shared A: stays rank 4
     assert lora.load_lora(model, file) == len(delta)
     got = model.state_dict()
     err = max(rel_err(got[k + ".weight"] - base[k + ".weight"], d) for k, d in delta.items())

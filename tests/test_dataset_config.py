@@ -3,7 +3,7 @@ Tests for sd-scripts dataset configs and the validation loss: sd-scripts' docume
 config with several subsets, regularisation images, a fine-tuning metadata file) parse to the expected
 subsets, the inheritance order, every config error, caption shuffling with kept tokens (deterministic,
 resumable), the validation split and loss, and two datasets at 64 and 96 px trained in one run. CPU only,
-offline, tiny random models from data.make_demo_weights.
+offline, tiny random models from tinyworld.make_demo_weights.
 
     python -m pytest -q test_dataset_config.py
 """
@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import data
+import dataset_toml
 import lumina2
+import tinyworld
 import train
 from testutil import killed_then_resumed, one_image_dataset, run
 
@@ -29,14 +31,14 @@ def write(path, text):
 
 def subset(**values):
     """A subset dict with every key at its default, then `values`."""
-    return {**{key: default for key, (_, default, _) in data.KEYS.items()}, **values}
+    return {**data.SUBSET_DEFAULTS, **values}
 
 
 def folder(path, n=0, size=64, captions=True):
     """A folder of n demo images (64 px: 64x64, 80x48, 48x80; 96 px: 96x96, 120x72, 72x120), captions optional."""
     os.makedirs(path, exist_ok=True)
     if n:
-        data.make_demo_dataset(str(path), n=n, size=size)
+        tinyworld.make_demo_dataset(str(path), n=n, size=size)
     if not captions:
         for name in os.listdir(path):
             if name.endswith(".txt"):
@@ -97,7 +99,7 @@ batch_size = 2
   metadata_file = '{meta}'
   # This subset uses keep_tokens = 1 (the value of [general])
 """)
-    subsets = data.read_dataset_config(path)
+    subsets = dataset_toml.read_dataset_config(path)
     assert [s["keep_tokens"] for s in subsets] == [2, 3, 1, 1]
     assert [s["dataset"] for s in subsets] == [0, 0, 0, 1]
     assert [s["image_dir"] for s in subsets] == [a, b, reg, c]
@@ -131,13 +133,13 @@ caption_prefix = "d"
   image_dir = '{img}'
 """)
     defaults = {"num_repeats": 7, "caption_dropout_rate": 0.25, "resolution": 96, "system_prompt": "train.py's"}
-    s = data.read_dataset_config(path, defaults)
+    s = dataset_toml.read_dataset_config(path, defaults)
     assert [x["caption_prefix"] for x in s] == ["s", "d", "g"]  # subset > dataset > general
     assert [x["num_repeats"] for x in s] == [5, 5, 3]
     assert [x["flip_aug"] for x in s] == [True, True, True]
     assert [x["caption_dropout_rate"] for x in s] == [0.25] * 3  # train.py's constants under [general]
     assert [x["resolution"] for x in s] == [96] * 3 and s[0]["system_prompt"] == "train.py's"
-    assert [x["keep_tokens"] for x in s] == [0] * 3 and s[0]["enable_bucket"] is False  # KEYS' defaults last
+    assert [x["keep_tokens"] for x in s] == [0] * 3 and s[0]["enable_bucket"] is False  # the defaults (data.SUBSET_DEFAULTS) last
 
 
 def test_regularisation_images_balance_like_sd_scripts(tmp_path):
@@ -163,14 +165,14 @@ batch_size = 2
   class_tokens = "a shape"
   num_repeats = 2
 """)
-    ds = data.build_datasets(data.read_dataset_config(path)).datasets[0]
+    ds = data.build_datasets(dataset_toml.read_dataset_config(path)).datasets[0]
     assert ds.repeats == [4, 4, 4, 3, 3, 2, 2, 2]
     assert [c for _, c in ds.items[3:]] == ["a shape"] * 5  # no caption files: class_tokens
     plan = [i for batch in ds.epoch_plan(2, seed=0, epoch=0) for i, _, _ in batch]
     assert sum(i < 3 for i in plan) == sum(i >= 3 for i in plan) == 12
     # more reg images than needed: the count stops at the training samples and the rest are not used
     path = write(tmp_path / "reg2.toml", open(path).read().replace("num_repeats = 4", "num_repeats = 1").replace("num_repeats = 2", ""))
-    ds = data.build_datasets(data.read_dataset_config(path)).datasets[0]
+    ds = data.build_datasets(dataset_toml.read_dataset_config(path)).datasets[0]
     assert ds.repeats == [1, 1, 1, 1, 1, 1] and len(ds.items) == 6
 
 
@@ -192,7 +194,7 @@ enable_bucket = true
   image_dir = '{img}'
   metadata_file = '{meta}'
 """)
-    ds = data.build_datasets(data.read_dataset_config(path)).datasets[0]
+    ds = data.build_datasets(dataset_toml.read_dataset_config(path)).datasets[0]
     got = {os.path.basename(p): c for p, c in ds.items}
     assert got == {"shape_000.png": "a red circle, red, circle", "shape_001.png": "only a caption", "shape_002.png": "only tags"}
     assert "1 image(s) not found" in capsys.readouterr().out
@@ -249,13 +251,13 @@ CASES = [  # (config text, table, key, what the message says)
     ("[general]\nvalidation_split = 1.0\n" + GOOD, "every [[datasets]]", "validation_split", "none is left to train"),
     (GOOD + "[[datasets]]\nvalidation_split = 1.0\n  [[datasets.subsets]]\n  image_dir = '{img}'\n  is_reg = true\n",
      "[[datasets]] #2", "validation_split", "is_reg images need training images"),
-] + [(GOOD + f"  {key} = {value}\n", SUB, key, "does not support: " + data.REFUSED[key]) for key, value in [
+] + [(GOOD + f"  {key} = {value}\n", SUB, key, "does not support: " + dataset_toml.REFUSED[key]) for key, value in [
     ("color_aug", "false"), ("random_crop", "false"), ("face_crop_aug_range", "[1.0, 3.0]"), ("resize_interpolation", "'area'"),
     ("secondary_separator", "';;;'"), ("enable_wildcard", "true"), ("token_warmup_min", "1"), ("token_warmup_step", "0"),
     ("caption_dropout_every_n_epochs", "0"), ("cache_info", "false"), ("alpha_mask", "false"), ("custom_attributes", "{}"),
     ("conditioning_data_dir", "'x'")]] + [
-    ("[general]\nskip_image_resolution = 768\n" + GOOD, "[general]", "skip_image_resolution", data.REFUSED["skip_image_resolution"]),
-    ("[general]\nnetwork_multiplier = 1.0\n" + GOOD, "[general]", "network_multiplier", data.REFUSED["network_multiplier"]),
+    ("[general]\nskip_image_resolution = 768\n" + GOOD, "[general]", "skip_image_resolution", dataset_toml.REFUSED["skip_image_resolution"]),
+    ("[general]\nnetwork_multiplier = 1.0\n" + GOOD, "[general]", "network_multiplier", dataset_toml.REFUSED["network_multiplier"]),
 ]
 
 
@@ -267,21 +269,21 @@ def test_config_error(tmp_path, text, table, key, says):
     (tmp_path / "img" / "latin1.json").write_bytes(b'{"a.png": {"caption": "caf\xe9"}}')
     path = write(tmp_path / "c.toml", text.replace("{img}", img))
     with pytest.raises(ValueError) as e:
-        data.read_dataset_config(path)
+        dataset_toml.read_dataset_config(path)
     assert f"{path}: {table}: {key!r} " in str(e.value) and says in str(e.value), str(e.value)
 
 
 def test_config_file_errors_and_all_problems_at_once(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        data.read_dataset_config(str(tmp_path / "missing.toml"))
+        dataset_toml.read_dataset_config(str(tmp_path / "missing.toml"))
     path = write(tmp_path / "broken.toml", "[[datasets]\nresolution = 64\n")
     with pytest.raises(ValueError, match=f"{path}: not valid TOML"):
-        data.read_dataset_config(path)
+        dataset_toml.read_dataset_config(path)
     img = folder(tmp_path / "img")
     path = write(tmp_path / "three.toml", f"[general]\ncolor_aug = true\n[[datasets]]\nresolution = 1\n  [[datasets.subsets]]\n"
                                           f"  image_dir = '{img}'\n  num_repeat = 2\n")
     with pytest.raises(ValueError) as e:
-        data.read_dataset_config(path)
+        dataset_toml.read_dataset_config(path)
     assert len(str(e.value).splitlines()) == 3 and "'num_repeat' is not a dataset config key (did you mean 'num_repeats'?)" in str(e.value)
 
 
@@ -354,7 +356,7 @@ caption_separator = " "
   image_dir = '{img}'
   num_repeats = 3
 """)
-    group = data.build_datasets(data.read_dataset_config(path), variants=3, seed=5)
+    group = data.build_datasets(dataset_toml.read_dataset_config(path), variants=3, seed=5)
     ds = group.datasets[0]
     calls = [0]
     forward = te.forward
@@ -396,7 +398,7 @@ validation_seed = {seed}
   is_reg = true
   class_tokens = "reg"
 """ if with_reg else ""))
-        return data.Dataset(subsets=data.read_dataset_config(path), variants=4)
+        return data.Dataset(subsets=dataset_toml.read_dataset_config(path), variants=4)
 
     held = [{ds.items[i][0] for i in ds.val} for ds in (dataset(0.34, s) for s in range(5))]
     assert all(len(h) == 2 and all("reg" not in os.path.basename(os.path.dirname(p)) for p in h) for h in held)
@@ -419,7 +421,7 @@ validation_seed = {seed}
     one = folder(tmp_path / "one", 1)  # a split of one image holds it out: nothing left, said at start-up
     path = write(tmp_path / "one.toml", f"[[datasets]]\nvalidation_split = 0.5\n  [[datasets.subsets]]\n  image_dir = '{one}'\n")
     with pytest.raises(ValueError, match="no training images: every image is held out"):
-        data.build_datasets(data.read_dataset_config(path))
+        data.build_datasets(dataset_toml.read_dataset_config(path))
 
 # -----------------------------------------------------------------------------
 # end to end on the tiny models
@@ -442,15 +444,15 @@ batch_size = 3
   [[datasets.subsets]]
   image_dir = '{large}'
 """)
-    group = data.build_datasets(data.read_dataset_config(path))
+    group = data.build_datasets(dataset_toml.read_dataset_config(path))
     for k, batch in group.epoch_plan(seed=0, epoch=0):  # a batch never mixes datasets or buckets
         assert len({group.datasets[k].buckets[i] for i, _, _ in batch}) == 1 and len(batch) <= group.datasets[k].batch_size
     assert sorted(k for k, _ in group.epoch_plan(0, 0)) == [0, 0, 0, 1, 1, 1]  # 3 buckets x 2 images each
     shapes, loss = [], train.flow_matching_loss
 
-    def recording(model, x0, *args):
+    def recording(model, x0, *args, **kwargs):
         shapes.append(tuple(x0.shape))
-        return loss(model, x0, *args)
+        return loss(model, x0, *args, **kwargs)
 
     monkeypatch.setattr(train, "flow_matching_loss", recording)
     out = run(weights, tmp_path, f"--dataset_config={path}", "--max_train_epochs=1", "--network_dim=4")

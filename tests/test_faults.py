@@ -20,13 +20,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import data
+import files
 import lumina2
+import optim
+import tinyworld
 import train
-from testutil import HERE, cli_args, run, torchrun
+import weightfiles
+from testutil import ROOT, cli_args, run, torchrun
 
 def demo_data(tmp_path, n=4):
-    return f"--train_data_dir={data.make_demo_dataset(str(tmp_path / 'img'), n=n)}"
+    return f"--train_data_dir={tinyworld.make_demo_dataset(str(tmp_path / 'img'), n=n)}"
 
 
 def snapshot(folder, skip=()):
@@ -54,12 +59,12 @@ def step_files(folder, name="t"):
 def inject_nan(monkeypatch, step, where, folder, seen):
     """At optimizer step `step` (accumulation 1: one loss call per step), make the loss NaN or one gradient
     inf, and photograph the output folder just before, into seen["before"]."""
-    real_loss, real_step = train.flow_matching_loss, train.step_after_backward
+    real_loss, real_step = train.flow_matching_loss, optim.step_after_backward
     calls = [0]
 
-    def loss(*a):
+    def loss(*a, **k):
         calls[0] += 1
-        out = real_loss(*a)
+        out = real_loss(*a, **k)
         if calls[0] == step:
             seen["before"] = snapshot(folder, skip={"t-log.jsonl", "train.lock"})
             if where == "loss":
@@ -73,7 +78,7 @@ def inject_nan(monkeypatch, step, where, folder, seen):
         return real_step(params, *a, **k)
 
     monkeypatch.setattr(train, "flow_matching_loss", loss)
-    monkeypatch.setattr(train, "step_after_backward", stepped)
+    monkeypatch.setattr(optim, "step_after_backward", stepped)
 
 
 @pytest.mark.parametrize("mode,where", [("lora", "loss"), ("lora", "grad"), ("full", "loss"), ("full --fused_backward_pass=True", "loss")])
@@ -84,7 +89,7 @@ def test_a_non_finite_step_stops_the_run_and_leaves_the_files_as_they_were(weigh
         run(weights, tmp_path, demo_data(tmp_path), *f"--train_mode={mode}".split(), "--max_train_steps=10",
             "--save_every_n_steps=1", "--learning_rate=1e-3")
     msg = str(e.value)
-    assert isinstance(e.value, train.Diverged)
+    assert isinstance(e.value, checkpoint.Diverged)
     assert "training diverged" in msg and "at step 4" in msg and "the last finite loss was" in msg and "at step 3" in msg
     assert f"the last good checkpoint is {out / 't-step000003.safetensors'}" in msg and "learning_rate" in msg
     # the files written before the bad step are byte-identical, and nothing was written after it
@@ -100,7 +105,7 @@ def test_a_non_finite_step_stops_the_run_and_leaves_the_files_as_they_were(weigh
 
 def test_a_diverging_learning_rate_stops_within_steps(weights, tmp_path):
     """The issue's measurement: lr 1e4 went on for 57 steps and saved a NaN LoRA with exit 0."""
-    with pytest.raises(train.Diverged, match="training diverged") as e:
+    with pytest.raises(checkpoint.Diverged, match="training diverged") as e:
         run(weights, tmp_path, demo_data(tmp_path), "--learning_rate=1e4", "--max_train_steps=60", "--save_every_n_steps=1")
     step = int(str(e.value).split(" at step ")[1].split(";")[0])
     assert step <= 5 and not os.path.exists(tmp_path / "out" / "t.safetensors")
@@ -111,16 +116,16 @@ def test_a_diverging_learning_rate_stops_within_steps(weights, tmp_path):
 def test_no_checkpoint_holds_a_non_finite_weight(weights, tmp_path, monkeypatch):
     """A weight that went NaN while every logged loss was finite (here: set by hand after step 2) is still
     caught, at the save."""
-    real = train.flush_log
+    real = checkpoint.flush_log
 
-    def poisoned(c, r):
-        real(c, r)
+    def poisoned(c, r, *a, **k):
+        real(c, r, *a, **k)
         if r.step == 2:  # after step 2's losses were found finite, before its save
             with torch.no_grad():
                 r.params[0].view(-1)[0] = float("nan")
 
-    monkeypatch.setattr(train, "flush_log", poisoned)
-    with pytest.raises(train.Diverged, match="a trained weight is not finite at step 2"):
+    monkeypatch.setattr(checkpoint, "flush_log", poisoned)
+    with pytest.raises(checkpoint.Diverged, match="a trained weight is not finite at step 2"):
         run(weights, tmp_path, demo_data(tmp_path), "--max_train_steps=4", "--save_every_n_steps=1")
     assert step_files(tmp_path / "out") == ["t-step000001.safetensors"]
 
@@ -129,18 +134,18 @@ def test_no_checkpoint_holds_a_non_finite_weight(weights, tmp_path, monkeypatch)
 DDP_NAN = """
 import json, os, sys
 sys.path.insert(0, {here!r})
-import train
+import checkpoint, train
 real, calls = train.flow_matching_loss, [0]
-def loss(*a):
+def loss(*a, **k):
     calls[0] += 1
-    out = real(*a)
+    out = real(*a, **k)
     return out * float("nan") if os.environ["RANK"] == "1" and calls[0] == 3 else out
 train.flow_matching_loss = loss
 try:
     train.main(sys.argv[1:])
     caught = None
 except SystemExit as e:
-    caught = dict(diverged=isinstance(e, train.Diverged), message=str(e))
+    caught = dict(diverged=isinstance(e, checkpoint.Diverged), message=str(e))
 with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
     json.dump(caught, f)
 """
@@ -150,8 +155,8 @@ def test_ddp_ranks_agree_to_stop(weights, tmp_path):
     """Only one rank's loss goes NaN; the gradients and the logged losses are averaged across ranks, so every
     rank sees the non-finite step and every rank stops there, saving nothing after step 2."""
     spy = tmp_path / "spy.py"
-    spy.write_text(DDP_NAN.format(here=HERE, out=str(tmp_path)))
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=8)
+    spy.write_text(DDP_NAN.format(here=ROOT, out=str(tmp_path)))
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=8)
     torchrun(cli_args(weights) + [f"--train_data_dir={folder}", "--network_dim=4", "--train_batch_size=1", "--max_train_steps=6",
                                   "--save_every_n_steps=1", f"--output_dir={tmp_path / 'out'}"], fresh=tmp_path / "out", script=str(spy))
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
@@ -169,7 +174,7 @@ def test_save_last_n_steps_keeps_exactly_n_step_files(weights, tmp_path):
     folder = tmp_path / "out"
     assert step_files(folder) == ["t-step000007-ema.safetensors", "t-step000007.safetensors", "t-step000008-ema.safetensors",
                                   "t-step000008.safetensors", "t-step000009-ema.safetensors", "t-step000009.safetensors"]
-    assert os.path.exists(out["lora"]) and os.path.exists(out["state"]) and os.path.exists(train.previous_state(out["state"]))
+    assert os.path.exists(out["lora"]) and os.path.exists(out["state"]) and os.path.exists(checkpoint.previous_state(out["state"]))
 
 
 def test_save_last_n_epochs_keeps_the_newest_epochs(weights, tmp_path):
@@ -179,18 +184,18 @@ def test_save_last_n_epochs_keeps_the_newest_epochs(weights, tmp_path):
 
 
 def test_a_failed_save_prunes_nothing_and_names_the_last_complete_checkpoint(weights, tmp_path, monkeypatch):
-    real = train.save_state
+    real = checkpoint.save_state
 
     def half_written(tmp):
         open(tmp, "wb").write(b"the first bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def disk_full_at_step_5(obj, path):
+    def disk_full_at_step_5(obj, path, *a, **k):
         if obj["step"] == 5:
-            lumina2.atomic_write(path, half_written)
-        return real(obj, path)
+            files.atomic_write(path, half_written)
+        return real(obj, path, *a, **k)
 
-    monkeypatch.setattr(train, "save_state", disk_full_at_step_5)
+    monkeypatch.setattr(checkpoint, "save_state", disk_full_at_step_5)
     with pytest.raises(SystemExit) as e:
         train.main(cli_args(weights) + [f"--output_dir={tmp_path / 'out'}", demo_data(tmp_path), "--max_train_steps=8",
                                         "--save_every_n_steps=1", "--save_last_n_steps=2"])
@@ -221,12 +226,12 @@ def test_every_log_line_is_strict_json_and_a_new_run_needs_resume_or_overwrite(w
 def test_a_second_run_on_the_same_output_dir_is_refused_and_a_dead_runs_lock_is_taken_over(weights, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": train.socket.gethostname(), "started": "now"}))
+    (out / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": checkpoint.socket.gethostname(), "started": "now"}))
     with pytest.raises(SystemExit, match=f"another train.py is using output_dir {out} \\(pid {os.getpid()}.*delete {out / 'train.lock'}"):
         run(weights, tmp_path, demo_data(tmp_path), "--max_train_steps=1")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (out / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": train.socket.gethostname(), "started": "then"}))
+    (out / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": checkpoint.socket.gethostname(), "started": "then"}))
     (out / f"t.safetensors.{dead.pid}-0123abcd.tmp").write_bytes(b"the dead run's partial write")
     run(weights, tmp_path, demo_data(tmp_path), "--max_train_steps=1")
     assert not os.path.exists(out / "train.lock") and not [f for f in os.listdir(out) if f.endswith(".tmp")]
@@ -263,7 +268,7 @@ def test_resume_refuses_changed_maths_and_names_each_difference(weights, tmp_pat
     # another base model of another width: same settings, but the tensors no longer pair up
     other = str(tmp_path / "other_dit.safetensors")
     save_file(lumina2.NextDiT(**dict(lumina2.DIT_PRESETS["tiny"], dim=32, n_heads=2, n_kv_heads=1,
-                                     cap_feat_dim=data.DEMO_GEMMA["hidden_size"])).state_dict(), other)
+                                     cap_feat_dim=tinyworld.DEMO_GEMMA["hidden_size"])).state_dict(), other)
     with pytest.raises(SystemExit, match=r"the first difference is tensor 0: \(4, 64\) saved, \(4, 32\) now \(another base model"):
         run(weights, tmp_path, *args, "--max_train_steps=4", "--resume=True", f"--dit_path={other}")
 
@@ -307,13 +312,13 @@ def test_sigkill_at_random_moments_while_saving_every_step_always_resumes(weight
     at another moment) leaves a state that resumes, through the previous state when the kill fell between the
     two renames; the next run takes over the dead run's lock and clears its partial temp files. A SIGTERM
     (kill, a scheduler) cleans up after itself."""
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=4)
     out = tmp_path / "out"
     args = cli_args(weights) + [f"--train_data_dir={folder}", f"--output_dir={out}", "--save_every_n_steps=1",
                                 "--network_dim=4", "--max_train_steps=100000"]
     step = 0
     for delay, sig in ((0.0, signal.SIGKILL), (0.137, signal.SIGKILL), (0.411, signal.SIGKILL), (0.2, signal.SIGTERM)):
-        p = subprocess.Popen([sys.executable, "train.py", *args, f"--resume={step > 0}"], cwd=HERE,
+        p = subprocess.Popen([sys.executable, "train.py", *args, f"--resume={step > 0}"], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.time()  # wait until this round is saving (its second step file exists), then a little more
         while not os.path.exists(out / f"t-step{step + 2:06d}.safetensors") and p.poll() is None and time.time() - t0 < 120:
@@ -347,7 +352,7 @@ def test_a_read_only_output_dir_fails_at_start_up(weights, tmp_path, monkeypatch
         os.chmod(tmp_path / "ro", 0o555)
         target = str(tmp_path / "ro" / "out")
     touched = []
-    monkeypatch.setattr(lumina2, "load_ae", lambda *a, **k: touched.append("ae"))
+    monkeypatch.setattr(weightfiles, "load_ae", lambda *a, **k: touched.append("ae"))
     with pytest.raises(SystemExit, match=f"error: output_dir {target} is not writable") as e:
         train.main(cli_args(weights) + [demo_data(tmp_path), f"--output_dir={target}"])
     assert "\n" not in str(e.value) and not touched
@@ -356,12 +361,12 @@ def test_a_read_only_output_dir_fails_at_start_up(weights, tmp_path, monkeypatch
 FULL_DISK = """
 import resource, signal, sys, train
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead of killing us
-real = train.save_checkpoint
+real = checkpoint.save_checkpoint
 def limited(c, r, tag):
     if r.step == 3:  # from here on no file may grow beyond 1 kB: the disk is full
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
     return real(c, r, tag)
-train.save_checkpoint = limited
+checkpoint.save_checkpoint = limited
 train.main(sys.argv[1:])
 """
 
@@ -374,7 +379,7 @@ def test_a_full_disk_stops_the_run_with_the_last_complete_checkpoint_intact(weig
     """A real full disk where this machine lets the test mount a small tmpfs as output_dir; elsewhere the same
     failure from the kernel through RLIMIT_FSIZE. Either way: one line, the previous files intact, no partial
     temp file left holding the space, and the run resumes once there is room."""
-    folder = data.make_demo_dataset(str(tmp_path / "img"), n=4)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "img"), n=4)
     out = tmp_path / "out"
     out.mkdir()
     tmpfs = os.geteuid() == 0 and mount_tmpfs(out, "3m")  # a rank-4 LoRA file is 100 kB, its state 600 kB (x2: the previous)
@@ -382,7 +387,7 @@ def test_a_full_disk_stops_the_run_with_the_last_complete_checkpoint_intact(weig
                                 "--network_dim=4", "--max_train_steps=100"]
     try:
         p = subprocess.run([sys.executable, "-c", "import sys, train; train.main(sys.argv[1:])" if tmpfs else FULL_DISK, *args],
-                           cwd=HERE, capture_output=True, text=True)
+                           cwd=ROOT, capture_output=True, text=True)
         err = p.stderr.strip().splitlines()[-1]
         assert p.returncode == 1 and err.startswith("error: could not write") and "Traceback" not in p.stderr
         assert ("no space left on the device" if tmpfs else "File too large") in err and "--resume=True" in err, err
@@ -437,7 +442,7 @@ BAD_INPUTS = [("dit missing", lambda w, t: [f"--dit_path={t / 'nope.safetensors'
 
 
 def bad_caption_folder(tmp_path):
-    folder = data.make_demo_dataset(str(tmp_path / "capimg"), n=2)
+    folder = tinyworld.make_demo_dataset(str(tmp_path / "capimg"), n=2)
     txt = sorted(f for f in os.listdir(folder) if f.endswith(".txt"))[0]
     open(os.path.join(folder, txt), "wb").write(b"a caption in latin-1: caf\xe9")
     return folder
@@ -446,8 +451,8 @@ def bad_caption_folder(tmp_path):
 @pytest.mark.parametrize("name,flags,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_each_bad_input_is_one_line_before_any_caching(weights, tmp_path, monkeypatch, name, flags, message):
     touched = []
-    monkeypatch.setattr(lumina2, "load_ae", lambda *a, **k: touched.append("ae"))
-    monkeypatch.setattr(lumina2, "load_text_encoder", lambda *a, **k: touched.append("gemma"))
+    monkeypatch.setattr(weightfiles, "load_ae", lambda *a, **k: touched.append("ae"))
+    monkeypatch.setattr(weightfiles, "load_text_encoder", lambda *a, **k: touched.append("gemma"))
     with pytest.raises(SystemExit) as e:
         train.main(cli_args(weights) + [demo_data(tmp_path), f"--output_dir={tmp_path / 'out'}", *flags(weights, tmp_path)])
     msg = str(e.value)

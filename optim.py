@@ -1,0 +1,176 @@
+"""
+The optimizer step of train.py: torch's AdamW or Adafactor always on fp32 tensors, a bf16 weight stepped through
+an fp32 copy and written back by stochastic rounding (or through a kept fp32 master copy), gradient clipping,
+the step fused into backward (each tensor stepped the moment its gradient is complete), and the EMA.
+
+References (read, not copied): Revisiting BFloat16 Training (Zamirai et al. 2020) and Gupta et al. 2015 on
+stochastic rounding; sd-scripts' fused_backward_pass and its Adafactor recipe; torch.optim's docs.
+
+    python -c "import torch, optim; w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16)); w.grad = torch.ones(4, dtype=torch.bfloat16); \\
+               o = optim.Optimizer([[w]], 'AdamW', 1e-3, 0.0, 'stochastic', 0); o.step(0); print(w)"
+"""
+import contextlib
+
+import torch
+from torch.distributed.tensor import DTensor
+
+OPTIMIZERS = {"AdamW": torch.optim.AdamW,  # fp32 states: 8 bytes a trained weight
+              "Adafactor": torch.optim.Adafactor}  # factored second moment, no first moment; lr caps a step relative to each weight's RMS
+BF16_UPDATES = {"stochastic": False,  # keeps a master copy? No: the fp32 copy exists for one step, rounded back stochastically
+                "master": True}  # a persistent fp32 master copy (+4 bytes a parameter), rounded back to nearest
+
+
+def local(t):
+    """The part of a tensor this process holds: an FSDP2 shard, or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def stochastic_round_(dst, src, generator):
+    """dst (bf16) <- src (fp32), rounded down or up at random with the probabilities that make it unbiased:
+    adding uniform noise to the 16 bits bf16 drops, then truncating them. E[dst] = src, so an update far
+    below bf16's resolution (2^-8 relative) still moves the weight on average instead of vanishing."""
+    noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device, generator=generator)
+    dst.copy_((src.view(torch.int32) + noise).bitwise_and_(-65536).view(torch.float32))  # exact in bf16
+
+
+class Optimizer:
+    """torch.optim.AdamW or Adafactor over groups of tensors that can be stepped one group at a time: all
+    LoRA tensors form one group; in full mode each tensor is its own group, so it can be stepped inside
+    backward (fused_backward_pass) and its gradient freed at once.
+
+    The torch optimizer only ever sees fp32 tensors. An fp32 weight is stepped in place. A bf16 weight is
+    stepped through an fp32 work tensor and written back, by `bf16_update`: "stochastic" fills the work
+    tensor from the weight for the length of its step only (no memory kept) and rounds back stochastically;
+    "master" keeps the work tensor as a persistent fp32 master weight and rounds back to nearest."""
+
+    def __init__(self, groups, kind, lr, weight_decay, bf16_update, seed, zero_grads_in_place=False):
+        self.groups, self.master, self.seed = groups, BF16_UPDATES[bf16_update], seed
+        # DDP with gradient_as_bucket_view: a gradient is a view of the all-reduce bucket. Zeroed in place it stays
+        # that view; set to None, the reducer would allocate a fresh one next step and copy it into the bucket.
+        self.zero_grads_in_place = zero_grads_in_place
+        self.work = [[self.work_tensor(local(p)) for p in g] for g in groups]
+        self.opts = [OPTIMIZERS[kind](w, lr=lr, weight_decay=weight_decay) for w in self.work]
+        self.lr = lr
+        self.generator = torch.Generator(local(groups[0][0]).device).manual_seed(seed)  # the rounding noise
+
+    def work_tensor(self, p):
+        if p.dtype == torch.float32:
+            return p.detach()  # the weight itself
+        return p.detach().float() if self.master else torch.empty(0, device=p.device)
+
+    def step(self, i):
+        """Step group i with the gradients its tensors hold, then free those gradients."""
+        with torch.no_grad():
+            for p, w in zip(self.groups[i], self.work[i]):
+                if local(p).dtype != torch.float32 and not self.master:
+                    w.data = local(p).float()  # the fp32 copy exists for this step only
+                w.grad = local(p.grad).float()
+            for group in self.opts[i].param_groups:
+                group["lr"] = self.lr
+            self.opts[i].step()
+            for p, w in zip(self.groups[i], self.work[i]):
+                if local(p).dtype != torch.float32:
+                    if self.master:
+                        local(p).copy_(w)  # round to nearest
+                    else:
+                        stochastic_round_(local(p), w, self.generator)
+                        w.data = torch.empty(0, device=w.device)
+                w.grad = None
+                if self.zero_grads_in_place:
+                    p.grad.zero_()
+                else:
+                    p.grad = None
+
+    def state_dict(self):
+        return {"opts": [o.state_dict() for o in self.opts], "generator": self.generator.get_state(),
+                "master": [[w.cpu() for w in ws] for ws in self.work] if self.master else None}
+
+    def load_state_dict(self, st, same_device=True, step=0):
+        for o, s in zip(self.opts, st["opts"]):
+            o.load_state_dict(s)
+        if same_device:
+            self.generator.set_state(st["generator"])
+        else:  # a CPU generator's state does not fit a CUDA generator (or back): a fresh stream, on purpose
+            self.generator.manual_seed(self.seed + step)
+        if self.master:
+            for ws, saved in zip(self.work, st["master"]):
+                for w, v in zip(ws, saved):
+                    w.copy_(v)
+
+
+class EMA:
+    """Exponential moving average of the trained tensors, kept in fp32 (a bf16 EMA would drop the
+    (1 - decay) x update it adds each step): every `every` optimizer steps, ema <- d^k ema + (1 - d^k) w with
+    k = every, so the average spans the same number of steps whatever k is. A CPU EMA of a CUDA model reads
+    the weights through pinned buffers on a side stream; k > 1 spreads that copy (5 GB for a full 2.6B model)
+    over k steps. `due` says whether this step updates: the fused step reads it inside backward."""
+
+    def __init__(self, params, decay, device, every=1):
+        self.params, self.decay, self.every, self.due = params, decay, every, every == 1
+        self.shadow = [local(p).detach().to(device, torch.float32, copy=True) for p in params]
+        cuda_to_host = local(params[0]).is_cuda and torch.device(device).type == "cpu"
+        self.stream = torch.cuda.Stream() if cuda_to_host else None
+        self.staging = [torch.empty(local(p).shape, dtype=p.dtype, pin_memory=True) for p in params] if cuda_to_host else None
+
+    def set_step(self, step):
+        """Before optimizer step `step` (0-based) runs: it updates the EMA when (step + 1) % every == 0."""
+        self.due = (step + 1) % self.every == 0
+
+    @torch.no_grad()
+    def update(self, i):
+        if not self.due:
+            return
+        w = local(self.params[i]).detach()
+        if self.stream is not None:  # device -> pinned host copy off the compute stream, then the fp32 lerp on the CPU
+            self.stream.wait_stream(torch.cuda.current_stream(w.device))
+            with torch.cuda.stream(self.stream):
+                self.staging[i].copy_(w, non_blocking=True)
+            self.stream.synchronize()
+            w = self.staging[i]
+        self.shadow[i].lerp_(w.to(self.shadow[i].device, torch.float32), 1 - self.decay ** self.every)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Inside: the trained tensors hold the EMA (rounded to their dtype); after: their own values, exactly."""
+        kept = [local(p).detach().to("cpu", copy=True) for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.shadow):
+                local(p).copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, k in zip(self.params, kept):
+                    local(p).copy_(k)
+
+
+def clip_limit(max_grad_norm):
+    return max_grad_norm if max_grad_norm > 0 else float("inf")  # 0 = off; the norm is still computed, for the log
+
+
+def step_after_backward(params, optimizer, max_grad_norm, ema=None):
+    """Clip the global gradient norm, step every group, update the EMA. Returns the pre-clip norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_limit(max_grad_norm))
+    for i in range(len(optimizer.groups)):
+        optimizer.step(i)
+        if ema:
+            ema.update(i)
+    return norm
+
+
+def fuse_steps_into_backward(params, optimizer, max_grad_norm, ema=None):
+    """Full mode, params[i] alone in optimizer group i: step each tensor from a post-accumulate-grad hook, the
+    moment backward has finished its gradient, and free that gradient, so that the whole model's gradients
+    never exist at once. Clipping is per tensor here (no global norm exists yet). Returns the list the
+    hooks append each tensor's pre-clip gradient norm to."""
+    norms = []
+
+    def step(p, i):
+        norms.append(torch.nn.utils.clip_grad_norm_([p], clip_limit(max_grad_norm)))
+        optimizer.step(i)
+        if ema:
+            ema.update(i)
+
+    for i, p in enumerate(params):
+        p.register_post_accumulate_grad_hook(lambda p, i=i: step(p, i))
+    return norms
