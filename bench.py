@@ -1,22 +1,10 @@
 """
-Benchmark one step of training and sampling on one GPU: ours and diffusers' Lumina2Transformer2DModel,
-on the same random 2B weights and the same inputs, in the same run. Prints one table (ms, TFLOP/s, MFU
-against a bf16 matmul ceiling measured here, peak GB, ratio to diffusers) and the GPU correctness checks
-(bf16 vs fp32, ours vs diffusers), the attention routes each case took, and writes it all to bench.json.
-
-Cases: LoRA rank 16 at bs 1 without and with checkpointing and at bs 4 with it; the memory and speed
-options of memory.py on the bs-1 LoRA step (24 of the 26 main layers swapped; fp8 base; compiled blocks);
-full fine-tuning at bs 1 (Adafactor + bf16 stochastic rounding + step fused into backward + checkpointing:
-the 16 GB recipe, alone and with train.py's CPU EMA; and AdamW with the step after backward); the CFG
-sampling step (cond + uncond as one batch of 2) plain, with swap, with an fp8 base and on sage attention.
-Every one of our cases is set up by memory.prepare, as train.py and sample.py set up theirs. Diffusers
-runs LoRA-like (base frozen, x_embedder trainable, so backward reaches the input) and its CFG step; each of
-our rows is divided by the diffusers row doing the same work. A case this machine cannot run (sage
-without CUDA or its package) is a skipped row.
-Model FLOPs are counted analytically (forward_flops: every matmul, attention over the padded caption);
-training counts 2x forward (frozen base: no weight gradients) or 3x (full), never the recomputation of
-checkpointing. Peak memory is the CUDA allocator's peak per case; on a CPU it
-is the process's peak RSS since start, so run one case at a time there.
+Benchmark one step of training and sampling on one GPU: ours and diffusers' Lumina2Transformer2DModel on the same random
+2B weights and inputs, in the same run. Prints the GPU correctness checks (bf16 vs fp32, ours vs diffusers) and one table
+(ms, TFLOP/s, MFU against a bf16 matmul ceiling measured here, peak GB, ratio to the diffusers row doing the same work,
+attention routes), also written to bench.json. CASES: LoRA steps with memory.py's options, full fine-tuning (the 16 GB
+Adafactor recipe, with and without CPU EMA; AdamW), the CFG sampling step. Training counts 2x forward FLOPs (frozen base)
+or 3x (full), never checkpointing's recomputation. Peak memory on a CPU is the process's peak RSS: one case per run there.
 
     python bench.py                                    # H200: 2B, 1024^2, captions 256 padded / 120 valid
     python bench.py --iters=20 --side=512 --cases='["full_adafactor_fused"]'
@@ -112,13 +100,6 @@ def random_weights(cfg, seed=0):
             for k, v in m.state_dict().items()}
 
 
-def our_model(cfg, sd, dev, dtype=torch.bfloat16):
-    with torch.device("meta"):
-        m = lumina2.NextDiT(**cfg)
-    m.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
-    return m.to(dev).requires_grad_(False)
-
-
 def diffusers_model(cfg, sd, dev):
     from diffusers import Lumina2Transformer2DModel
     from diffusers.utils import logging
@@ -146,12 +127,9 @@ def inputs(c, cfg, bs, seed=1):
 
 
 def forward_flops(cfg, batch, cap_len, image_tokens):
-    """Matmul FLOPs of one NextDiT forward, counted analytically (FlopCounterMode cannot be run on every
-    device: torch 2.11's CUDA sdpa_flop_count asserts equal q/kv heads on the unmasked GQA path). cap_len is
-    the caption length the blocks see (the forward trims to the batch's longest caption; padded slots below
-    that are computed and masked, so they count); image_tokens = (side / 8 / patch)^2. A Linear costs
-    2 * in * out per row it sees, attention 4 * S^2 * head_dim * n_heads per sample (QK^T and PV). Elementwise
-    work (norms, RoPE, softmax, gates) and bias adds are left out, as FlopCounterMode leaves them out."""
+    """Matmul FLOPs of one NextDiT forward, counted analytically (torch 2.11's CUDA FlopCounterMode asserts equal q/kv
+    heads on the unmasked GQA path). cap_len: the batch's longest caption (padded slots below it are computed, so they
+    count); image_tokens = (side / 8 / patch)^2. Elementwise work and bias adds are left out, as FlopCounterMode does."""
     dim, heads, kv, hd = cfg["dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["dim"] // cfg["n_heads"]
     hidden = lumina2.ffn_hidden_dim(dim, cfg["multiple_of"], cfg["ffn_dim_multiplier"])
     patch = cfg["patch_size"] ** 2 * cfg["in_channels"]
@@ -161,15 +139,13 @@ def forward_flops(cfg, batch, cap_len, image_tokens):
         linear = dim * (heads + 2 * kv) * hd + heads * hd * dim + 3 * dim * hidden
         return 2 * tokens * linear + 4 * tokens**2 * hd * heads + (2 * t_dim * 4 * dim if modulated else 0)
 
-    joint = cap_len + image_tokens
-    per_sample = (2 * 256 * t_dim + 2 * t_dim * t_dim  # t_embedder's MLP
-                  + 2 * cap_len * cfg["cap_feat_dim"] * dim  # cap_embedder
-                  + cfg["n_refiner_layers"] * block(cap_len, False)  # context refiner
-                  + 2 * image_tokens * patch * dim  # x_embedder
-                  + cfg["n_refiner_layers"] * block(image_tokens, True)  # noise refiner
-                  + cfg["n_layers"] * block(joint, True)
-                  + 2 * t_dim * dim + 2 * image_tokens * dim * patch)  # final layer: adaLN and linear
-    return batch * per_sample
+    return batch * (2 * 256 * t_dim + 2 * t_dim * t_dim  # per sample: t_embedder's MLP
+                    + 2 * cap_len * cfg["cap_feat_dim"] * dim  # cap_embedder
+                    + cfg["n_refiner_layers"] * block(cap_len, False)  # context refiner
+                    + 2 * image_tokens * patch * dim  # x_embedder
+                    + cfg["n_refiner_layers"] * block(image_tokens, True)  # noise refiner
+                    + cfg["n_layers"] * block(cap_len + image_tokens, True)  # main layers: the joint sequence
+                    + 2 * t_dim * dim + 2 * image_tokens * dim * patch)  # final layer: adaLN and linear
 
 
 def rel_err(a, b):
@@ -181,9 +157,8 @@ class Unavailable(Exception):
 
 
 def placed_model(c, cfg, sd, rank=0, **memory_flags):
-    """Our model as train.py and sample.py set it up: built on the CPU, LoRA (rank > 0) injected, then
-    memory.prepare (fp8 -> checkpointing -> compile -> block swap + placement on the device)."""
-    model = our_model(cfg, sd, "cpu")
+    """Our model as train.py and sample.py set it up: built on the CPU, LoRA (rank > 0) injected, then memory.prepare."""
+    model = lumina2.load_dit(sd, cfg, device="cpu")
     if rank:
         lora.inject(model, rank=rank, alpha=rank)
     return memory.prepare(model, c.device, **memory_flags)
@@ -195,8 +170,7 @@ def swapped(c, cfg, n):
 
 
 def lora_step(c, cfg, sd, bs, ckpt, swap=0, fp8=False, compile=False):
-    model = placed_model(c, cfg, sd, rank=16, fp8=fp8, checkpointing=ckpt, compile=compile,
-                         blocks_to_swap=swapped(c, cfg, swap))
+    model = placed_model(c, cfg, sd, rank=16, fp8=fp8, checkpointing=ckpt, compile=compile, blocks_to_swap=swapped(c, cfg, swap))
     params = lora.lora_parameters(model)
     opt = optim.Optimizer([params], "AdamW", 1e-4, 0.01, "stochastic", 0)
     x0, noise, cap, mask, sigma = inputs(c, cfg, bs)
@@ -208,10 +182,8 @@ def lora_step(c, cfg, sd, bs, ckpt, swap=0, fp8=False, compile=False):
 
 
 def full_step(c, cfg, sd, kind, fused, ema=False):
-    """Full fine-tuning at bs 1 with checkpointing, bf16 weights + stochastic rounding, as train.py runs it.
-    ema=True adds train.py's default EMA (fp32 on the CPU) updated every `iters` steps: the timed window then
-    holds exactly one update, so the row's ms is a step with the update's cost spread over `iters` steps."""
-    model = our_model(cfg, sd, "cpu")
+    """Full fine-tuning at bs 1 as train.py runs it; ema=True adds its CPU EMA, updated once per timed window (every `iters`)."""
+    model = lumina2.load_dit(sd, cfg, device="cpu")
     model.requires_grad_(True).norm_final.requires_grad_(False)
     model = memory.prepare(model, c.device, checkpointing=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -241,9 +213,9 @@ def cfg_inputs(c, cfg):
 
 @torch.no_grad()
 def cfg_step(c, cfg, sd, swap=0, fp8=False, compile=False, attention=None):
-    """One CFG sampling step, placed as sample.py places it; attention= runs it on another backend
-    (sage: sampling only), then the run's backend is restored."""
-    model = memory.prepare(our_model(cfg, sd, "cpu"), c.device, blocks_to_swap=swapped(c, cfg, swap), fp8=fp8, compile=compile)
+    """One CFG sampling step, placed as sample.py places it; attention= runs it on another backend (sage: sampling only)."""
+    model = lumina2.load_dit(sd, cfg, device="cpu")
+    model = memory.prepare(model, c.device, blocks_to_swap=swapped(c, cfg, swap), fp8=fp8, compile=compile)
     x, cap, mask = cfg_inputs(c, cfg)
     try:
         lumina2.set_attention(attention or c.attention, torch.bfloat16, c.device)
@@ -310,32 +282,26 @@ SAME_WORK = {"lora_bs1_compiled": "LoRA r16 bs1", "lora_bs1_ckpt_swap24": "LoRA 
              "cfg_sage": "CFG step (batch 2)"}
 
 
-@contextlib.contextmanager
 def compile_settings(c):
-    """On a CPU (the smoke run) inductor builds scalar C++: its vectorised CPU code depends on the host's ISA
-    and has failed on some (test_memory.py says how). On CUDA it compiles with Triton, untouched."""
+    """On a CPU (the smoke run) inductor builds scalar C++: its vectorised code depends on the host's ISA and fails on some."""
     if torch.device(c.device).type == "cuda":
-        yield
-    else:
-        with torch._inductor.config.patch({"cpp.simdlen": 1}):
-            yield
+        return contextlib.nullcontext()
+    return torch._inductor.config.patch({"cpp.simdlen": 1})
 
 
 def run_checks(c, cfg, sd):
-    """bf16 vs fp32 forward of the same weights, and ours vs diffusers in bf16, on this device. The fp32
-    reference runs attention='sdpa' whatever c.attention is, since flash and sage take no fp32."""
-    checks = {}
+    """bf16 vs fp32 forward of the same weights (fp32 on sdpa: flash and sage take no fp32), and ours vs diffusers in bf16."""
     x0, noise, cap, mask, sigma = inputs(c, cfg, 1)
     with torch.no_grad():
-        v_bf16 = our_model(cfg, sd, c.device)(x0, 1 - sigma, cap, mask)
+        v_bf16 = lumina2.load_dit(sd, cfg, device=c.device)(x0, 1 - sigma, cap, mask)
         if c.attention != "sdpa":
             print(f"  fp32 reference: attention 'sdpa' for it ({c.attention!r} takes no fp32), then back to {c.attention!r}")
         lumina2.set_attention("sdpa", torch.float32, c.device)
         try:
-            v_fp32 = our_model(cfg, sd, c.device, torch.float32)(x0, 1 - sigma, cap.float(), mask)
+            v_fp32 = lumina2.load_dit(sd, cfg, torch.float32, c.device)(x0, 1 - sigma, cap.float(), mask)
         finally:
             lumina2.set_attention(c.attention, torch.bfloat16, c.device)
-        checks["bf16_vs_fp32"] = rel_err(v_bf16, v_fp32)
+        checks = {"bf16_vs_fp32": rel_err(v_bf16, v_fp32)}
         if c.diffusers:
             ref = diffusers_model(cfg, sd, c.device)
             checks["ours_vs_diffusers_bf16"] = rel_err(v_bf16, ref(x0.bfloat16(), 1 - sigma, cap, mask, return_dict=False)[0])
@@ -354,8 +320,7 @@ def run_cuda_tests(out_dir):
     except subprocess.TimeoutExpired as e:  # a hung kernel must not eat the device time the table needs
         out = e.stdout or ""  # bytes here even with text=True
         rc, log = "timeout", out.decode(errors="replace") if isinstance(out, bytes) else out
-    with open(os.path.join(out_dir, "pytest_cuda.txt"), "w") as f:
-        f.write(log)
+    Path(out_dir, "pytest_cuda.txt").write_text(log)
     summary = log.strip().splitlines()[-1] if log.strip() else ""
     print(f"[check] pytest -m cuda: rc {rc}, {summary} ({time.perf_counter() - t:.0f} s)", flush=True)
     return dict(rc=rc, summary=summary)
@@ -388,8 +353,7 @@ def markdown(result):
 def main(argv=None):
     c = SimpleNamespace(**configure(dict(globals()), argv))
     if c.check:  # few steps per case: the whole GPU check, start-up included, fits in 8 minutes on an H200
-        c.iters, c.warmup = 5, 2
-        c.out = os.path.join(os.environ.get("OUT") or "out", "bench.json")
+        c.iters, c.warmup, c.out = 5, 2, os.path.join(os.environ.get("OUT") or "out", "bench.json")
     if c.smoke:
         c.device, c.side, c.cap_len, c.cap_valid, c.iters, c.warmup = "cpu", 64, 16, 8, 1, 1
     unknown = set(c.cases) - set(CASES)
@@ -411,7 +375,6 @@ def main(argv=None):
     image_tokens = (c.side // 8 // cfg["patch_size"]) ** 2
     fwd1 = forward_flops(cfg, 1, c.cap_valid, image_tokens)
     fwd_cfg = forward_flops(cfg, 2, c.cap_valid, image_tokens)
-
     rows = []
     for key, (case, impl, fn, kwargs, forwards) in CASES.items():
         if c.cases and key not in c.cases or impl == "diffusers" and not c.diffusers:
@@ -443,21 +406,17 @@ def main(argv=None):
             r["ratio_to_diffusers"] = r["ms"] / theirs[same] if r["impl"] == "ours" and same in theirs else None
     if theirs:
         print("  ours / diffusers: " + ", ".join(f"{r['case']} {r['ratio_to_diffusers']:.2f}" for r in rows if r.get("ratio_to_diffusers")))
-
     result = dict(device=name, torch=torch.__version__, side=c.side, cap_len=c.cap_len, cap_valid=c.cap_valid, attention=c.attention,
                   matmul_tflops=ceiling, forward_flops_bs1=fwd1, checks=checks, rows=rows, date=time.strftime("%Y-%m-%d"))
     if c.check:
-        result["tests"] = tests
-        result["ok"] = tests["rc"] == 0 and not any("error" in r for r in rows)
+        result.update(tests=tests, ok=tests["rc"] == 0 and not any("error" in r for r in rows))
     atomic_write(c.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     if c.check:
         md = os.path.join(os.path.dirname(c.out), "bench.md")
-        with open(md, "w") as f:
-            f.write(markdown(result))
+        Path(md).write_text(markdown(result))
         print(f"[check] {'ok' if result['ok'] else 'FAILED'}: wrote {c.out} and {md}", flush=True)
     return result
 
 
 if __name__ == "__main__":
-    r = main()
-    sys.exit(0 if r.get("ok", True) else 1)
+    sys.exit(0 if main().get("ok", True) else 1)

@@ -1,9 +1,6 @@
 """
-The life of one training run around train.py's loop: the output folder (one run at a time, a new run never
-replaces an old one by accident), the checkpoints (weights, EMA twin, the state to resume from, written so that
-a kill at any moment leaves a complete one; older ones pruned), resuming (settings and shapes checked, a damaged
-state falls back to the previous one), the strict JSONL log of each step's metrics, and the stop when training
-diverges (nothing non-finite is ever saved). train.py calls each of these in a line.
+A training run's life around train.py's loop: its output folder (one run at a time), kill-safe checkpoints (older ones pruned),
+resuming (settings and shapes checked, a damaged state falls back), the JSONL step log, the stop on divergence.
 
     python -c "import checkpoint; st = checkpoint.load_state('out/demo/demo_lora-state.pt'); print(st['step'], st['config']['learning_rate'])"
 """
@@ -35,9 +32,7 @@ def previous_state(path):
 
 
 def save_state(obj, path):
-    """Write the state through a temp file; only once it is complete does the current state become the
-    previous one (-prev.pt) and the new one take its name. A kill or a full disk at any moment leaves at least
-    one complete state: the current one, or (killed between the two renames) the previous one."""
+    """Via a temp file, then current -> -prev.pt, new -> current: a kill or a full disk at any moment leaves a complete state."""
     def write(tmp):
         torch.save(obj, tmp)
         if os.path.exists(path):
@@ -46,47 +41,29 @@ def save_state(obj, path):
 
 
 def load_state(path, mmap=False):
-    """A state file -> dict. Loaded with weights_only=True: a file that carries pickled Python objects (which
-    could run code when loaded) is refused, not executed. Raises BadInput saying which of the two it is."""
+    """A state file -> dict, with weights_only=True: pickled Python objects (which could run code) are refused, not run."""
     import pickle
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):
             raise BadInput(f"{path} holds pickled Python objects besides tensors and plain values, so it is not "
-                                   "loaded (unpickling could run code). train.py never writes such a file: was it replaced?") from None
+                           "loaded (unpickling could run code). train.py never writes such a file: was it replaced?") from None
         raise BadInput(f"{path} is damaged ({os.path.getsize(path):,} bytes that are not a state file)") from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated, zero bytes, torn zip directory
         reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else "empty or cut short"
         raise BadInput(f"{path} is damaged ({os.path.getsize(path):,} bytes; {reason})") from None
 
 
-def rng_state(device):
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None}
-
-
-def set_rng_state(s, device, same_device):
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    if same_device and s["cuda"] is not None:
-        torch.cuda.set_rng_state(s["cuda"], device)
-
-
-# what a resumed run must share with the saved one: each of these changes the maths of the saved tensors (their
-# shapes, scale, dtype or optimizer state), so a resume with another value would train something else silently
+# a resume must share these with the saved run: each changes its tensors' shapes, scale, dtype or optimizer state
 MATH_KEYS = ("train_mode", "network_dim", "network_alpha", "attn_dim", "mlp_dim", "mod_dim", "refiner_dim", "embedder_dims",
              "mixed_precision", "fp8_base", "optimizer_type", "bf16_update", "ema_decay")
 
 
 def read_resume_state(c, r):
-    """The newest state that loads: the state file, else the previous one (the state is damaged, or a kill
-    between save_state's two renames left only the previous one), with a message. Memory-mapped, so that
-    reading it before the caching costs no RAM. -> (state, its path)."""
+    """-> (state, its path): the state file, else (damaged, or gone between save_state's renames) the previous; mmap: no RAM."""
     tried = []
-    for path in (r.state_path, previous_state(r.state_path)):
-        if not os.path.exists(path):
-            continue
+    for path in filter(os.path.exists, (r.state_path, previous_state(r.state_path))):
         try:
             st = load_state(path, mmap=True)
         except BadInput as e:
@@ -108,8 +85,8 @@ def check_settings(st, path, c, r):
     changed = [f"{k}={saved.get(k)!r} there, {getattr(c, k)!r} now" for k in MATH_KEYS if saved.get(k) != getattr(c, k)]
     if changed:
         raise BadInput(f"{path} was trained with other settings, and resuming would change what its tensors mean: "
-                               f"{'; '.join(changed)}. Resume with the saved values, or start a new run (another output_name, "
-                               "or --overwrite=True)")
+                       f"{'; '.join(changed)}. Resume with the saved values, or start a new run (another output_name, "
+                       "or --overwrite=True)")
 
 
 def check_shapes(st, path, c, r):
@@ -118,14 +95,12 @@ def check_shapes(st, path, c, r):
     if mine != theirs:  # e.g. another base model: the tensors are paired by position, so they must match one to one
         bad = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
         raise BadInput(f"{path} holds {len(theirs)} trained tensors, this run has {len(mine)}; the first difference is "
-                               f"tensor {bad}: {theirs[bad] if bad < len(theirs) else 'none'} saved, {mine[bad] if bad < len(mine) else 'none'} now "
-                               f"(another base model file, dit_path={c.dit_path!r}?)")
+                       f"tensor {bad}: {theirs[bad] if bad < len(theirs) else 'none'} saved, {mine[bad] if bad < len(mine) else 'none'} now "
+                       f"(another base model file, dit_path={c.dit_path!r}?)")
 
 
 def resume_from(c, r):
-    """Load the state into the run r (weights, optimizer, EMA, generators, data position). A state saved on
-    another device type resumes with its device generators re-seeded (with a warning): their states do not
-    transfer between CPU and CUDA."""
+    """Load the state into the run r: weights, optimizer, EMA, generators (re-seeded across device types), data position."""
     st, path = r.resume_state  # read and checked by check_output_dir
     check_shapes(st, path, c, r)
     if r.world > 1:  # every process must resume the same step (under FSDP2 each read its own state file)
@@ -133,7 +108,7 @@ def resume_from(c, r):
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
         if steps[0] != -steps[1]:
             raise BadInput(f"the processes' states are at different steps ({-steps[1].item()} to {steps[0].item()}): "
-                                   "a damaged state file fell back on some ranks only; resume from a consistent set")
+                           "a damaged state file fell back on some ranks only; resume from a consistent set")
     here = torch.device(c.device).type
     same = st.get("device", "cpu") == here
     if not same:
@@ -146,9 +121,11 @@ def resume_from(c, r):
             e.copy_(saved)
     r.optimizer.load_state_dict(st["optimizer"], same_device=same, step=st["step"])
     r.noise_gen.set_state(st["noise_gen"])  # a CPU generator on every device: noise and sigma resume exactly
-    set_rng_state(st["rng"], c.device, same)
-    r.step, r.epoch, r.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
-    r.last_saved = path
+    random.setstate(st["rng"]["python"])
+    torch.set_rng_state(st["rng"]["torch"])
+    if same and st["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(st["rng"]["cuda"], c.device)
+    r.step, r.epoch, r.batch_in_epoch, r.last_saved = st["step"], st["epoch"], st["batch_in_epoch"], path
     if r.rank == 0:
         cut_log(r.log_path, r.step)
     print(f"resumed from {path} at step {r.step} (epoch {r.epoch}, batch {r.batch_in_epoch})")
@@ -165,9 +142,7 @@ def save_weights(c, r, path, meta):
 
 
 def save_checkpoint(c, r, tag):
-    """The weights (and the EMA's) as safetensors, then the state to resume from, then the pruning of older
-    checkpoints. Nothing is written unless every logged loss and every trained tensor is finite, and a failed
-    write stops the run saying which complete checkpoint is left. Returns the weights' path."""
+    """Weights (and the EMA's), resume state, pruning -> the weights' path; written only if every loss and weight is finite."""
     flush_log(c, r)  # the divergence check of every step up to here
     check_finite_weights(c, r)
     path = os.path.join(c.output_dir, f"{c.output_name}{tag}.safetensors")
@@ -184,7 +159,9 @@ def save_checkpoint(c, r, tag):
         if r.rank == 0 or r.fsdp:
             save_state({"params": [local(p).detach().cpu() for p in r.params], "optimizer": r.optimizer.state_dict(),
                         "ema": [e.cpu() for e in r.ema.shadow] if r.ema else None, "noise_gen": r.noise_gen.get_state(),
-                        "rng": rng_state(c.device), "device": torch.device(c.device).type, "step": r.step, "epoch": r.epoch,
+                        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state(c.device) if torch.device(c.device).type == "cuda" else None},
+                        "device": torch.device(c.device).type, "step": r.step, "epoch": r.epoch,
                         "batch_in_epoch": r.batch_in_epoch, "world_size": r.world, "config": vars(c)}, r.state_path)
     except WriteFailed as e:
         raise stopped_writing(c, r, e) from None
@@ -195,8 +172,7 @@ def save_checkpoint(c, r, tag):
 
 
 def full_state_dict(model, fsdp):
-    """The whole model in bf16 under its original keys. Under FSDP2 the shards are gathered to rank 0 alone,
-    straight into CPU memory (a collective: every rank calls; the others get {})."""
+    """The whole model in bf16 under its original keys; under FSDP2 gathered to rank 0's CPU memory (a collective)."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -214,16 +190,15 @@ class Diverged(SystemExit):
 
 
 def json_line(rec):
-    """Strict JSON (RFC 8259 has no NaN or Infinity, and strict readers reject them): non-finite is null."""
+    """Strict JSON (RFC 8259 has no NaN or Infinity): non-finite is null."""
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}, allow_nan=False)
 
 
 def process_alive(owner):
     """False only for a process of this host that no longer exists (another host's cannot be checked)."""
-    if owner.get("host") != socket.gethostname():
-        return True
     try:
-        os.kill(owner["pid"], 0)  # signal 0: does it exist?
+        if owner.get("host") == socket.gethostname():
+            os.kill(owner["pid"], 0)  # signal 0: does it exist?
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, owned by another user
@@ -232,21 +207,17 @@ def process_alive(owner):
 
 
 def take_lock(path, c):
-    """-> the descriptor of the lock file, created exclusively. A lock whose run has died on this host is taken
-    over, and the partial writes that run was killed in (atomic_write's temp names) are removed."""
-    try:
+    """-> the lock file's descriptor, created exclusively; a dead local run's lock is taken over, its temp files removed."""
+    with contextlib.suppress(FileExistsError):
         return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
-        pass
     try:
-        with open(path) as f:
-            owner = json.load(f)
+        owner = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         owner = {}
     if not owner or process_alive(owner):
         who = f"pid {owner['pid']} on {owner['host']}, started {owner['started']}" if owner else "an unreadable lock"
         raise BadInput(f"another train.py is using output_dir {c.output_dir} ({who}); wait for it or choose "
-                               f"another output_dir. If no such run is alive, delete {path}")
+                       f"another output_dir. If no such run is alive, delete {path}")
     print(f"taking over {path}: its run (pid {owner['pid']}) is no longer alive")
     os.remove(path)
     for f in os.listdir(c.output_dir):
@@ -257,9 +228,7 @@ def take_lock(path, c):
 
 @contextlib.contextmanager
 def output_dir_lock(c, r):
-    """output_dir/train.lock, holding the owner's pid and host for the length of the run: a second train.py on
-    the same output_dir stops at start-up instead of interleaving its checkpoints with the first one's. Rank 0
-    holds it."""
+    """output_dir/train.lock (pid, host, start), held by rank 0: a second train.py there stops instead of interleaving saves."""
     if r.rank > 0:
         yield
         return
@@ -269,7 +238,7 @@ def output_dir_lock(c, r):
         fd = take_lock(path, c)
     except OSError as e:
         raise WriteFailed(f"output_dir {c.output_dir} is not writable ({e.strerror or e}); choose another output_dir "
-                                  "or fix its permissions") from None
+                          "or fix its permissions") from None
     with os.fdopen(fd, "w") as f:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
     try:
@@ -280,12 +249,8 @@ def output_dir_lock(c, r):
 
 
 def check_output_dir(c, r):
-    """A new run (resume=False) into a folder that holds this output_name's state or log is refused, so that a
-    forgotten --resume=True cannot replace a long run's checkpoints with step 1's. overwrite=True starts over:
-    the old state and log are removed when training starts (a run that fails its checks leaves them), and
-    the old checkpoints are replaced as the new run saves its own.
-    A resume reads its state now, so that a damaged state or changed settings fail before the caching."""
-    if c.resume:
+    """Refuse a new run over this output_name's state or log unless overwrite=True: it may be a forgotten --resume=True."""
+    if c.resume:  # read now, so that a damaged state or changed settings fail before the caching
         r.resume_state = read_resume_state(c, r)
         check_settings(*r.resume_state, c, r)
         return
@@ -294,13 +259,12 @@ def check_output_dir(c, r):
     found = sorted(n for n in os.listdir(c.output_dir) if re.fullmatch(re.escape(c.output_name) + r"-(state.*\.pt|log\.jsonl)", n))
     if found and not c.overwrite:
         raise BadInput(f"output_dir {c.output_dir} already holds a run named {c.output_name!r} ({', '.join(found)}): "
-                               "continue it with --resume=True, start over with --overwrite=True, or choose another output_name")
+                       "continue it with --resume=True, start over with --overwrite=True, or choose another output_name")
     r.replaced = [os.path.join(c.output_dir, name) for name in found]
 
 
 def cut_log(path, step):
-    """On resume: keep the log's lines up to the resumed step (the interrupted run's later lines go, and a line
-    torn by a kill too), so the log reads as one uninterrupted run."""
+    """On resume: keep the log's lines up to the resumed step (none torn by a kill), so that it reads as one run."""
     if not os.path.exists(path):
         return
     keep = []
@@ -313,9 +277,7 @@ def cut_log(path, step):
 
 
 def prune_checkpoints(c, r):
-    """save_last_n_steps: remove the step checkpoints (and their EMA twins) older than the last n steps;
-    save_last_n_epochs: keep the n newest epoch checkpoints. Called after a save is complete, so the newest
-    file always exists first. The final file and the resume state are never touched."""
+    """Remove step checkpoints (EMA twins too) older than save_last_n_steps, epoch ones beyond the save_last_n_epochs newest."""
     name = re.escape(c.output_name)
     rules = [(c.save_last_n_steps, name + r"-step(\d{6})(-ema)?\.safetensors", r.step - c.save_last_n_steps),
              (c.save_last_n_epochs, name + r"-(\d{6})(-ema)?\.safetensors", r.epoch - c.save_last_n_epochs * max(1, c.save_every_n_epochs))]
@@ -323,15 +285,14 @@ def prune_checkpoints(c, r):
         if not n:
             continue
         for f in os.listdir(c.output_dir):
-            m = re.fullmatch(pattern, f)
-            if m and int(m.group(1)) <= oldest_gone:
+            if (m := re.fullmatch(pattern, f)) and int(m.group(1)) <= oldest_gone:
                 os.remove(os.path.join(c.output_dir, f))
 
 
 def stopped_writing(c, r, e):
     left = (f"the last complete checkpoint is {r.last_saved}" if r.last_saved else "no checkpoint had been completed yet")
     return WriteFailed(f"{e}. Stopped at step {r.step}: {left}. Free space (or make {c.output_dir} writable) and "
-                               "run again with --resume=True")
+                       "run again with --resume=True")
 
 
 def divergence_message(c, r, what, step):
@@ -344,8 +305,7 @@ def divergence_message(c, r, what, step):
 
 
 def check_finite_weights(c, r):
-    """Every trained tensor (and the EMA) finite, else Diverged: no checkpoint ever holds a NaN. One host sync
-    per save. FSDP2 ranks each check their shard and agree through an all-reduce."""
+    """Every trained tensor and the EMA finite, else Diverged: no NaN is saved. One host sync per save; FSDP2 all-reduces."""
     tensors = [local(p).detach() for p in r.params] + (r.ema.shadow if r.ema else [])
     ok = torch.stack([torch.isfinite(t).all().to(c.device) for t in tensors]).all().float()
     if r.fsdp:
@@ -355,8 +315,7 @@ def check_finite_weights(c, r):
 
 
 def start_log(c, r):
-    """The log file, opened when training starts: only then are the previous run's state and log removed
-    (overwrite=True), so that a run that fails its checks leaves them. A resumed run's log was cut already."""
+    """Open the log; only now, as training starts, does an overwritten run's state and log go (failing checks keeps them)."""
     for path in r.replaced:
         os.remove(path)
     r.log = open(r.log_path, "a") if r.rank == 0 else None
@@ -366,11 +325,7 @@ BAR = {"loss": ("loss", "{:.4f}"), "val_loss": ("val", "{:.4f}"), "lr": ("lr", "
 
 
 def flush_log(c, r):
-    """The steps logged since the last flush (r.pending: dicts of a step's metrics by name, numbers or device
-    tensors) -> numbers with one host sync, each tensor as the mean of its elements (the loss: one per
-    micro-batch, each also kept in r.losses), written as strict JSON lines and shown on the progress bar.
-    Stops the run at the first step whose loss or gradient norm is not finite (every rank sees the same
-    all-reduced numbers, so every rank stops)."""
+    """r.pending (step metrics: numbers or device tensors) -> means with one host sync -> JSON lines, bar; stops if not finite."""
     if not r.pending:
         return
     tensors = [v.detach().float().reshape(-1) for rec in r.pending for v in rec.values() if isinstance(v, torch.Tensor)]
@@ -381,7 +336,7 @@ def flush_log(c, r):
             if isinstance(v, torch.Tensor):
                 values, k = flat[k:k + v.numel()], k + v.numel()
                 rec[key] = sum(values) / len(values)
-                if key == "loss":
+                if key == "loss":  # one per micro-batch
                     r.losses += values
         val = rec.pop("val_loss", None)
         rec["peak_gb"] = round(memory.peak_memory_gb(c.device), 3)

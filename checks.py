@@ -1,7 +1,6 @@
 """
-train.py's config, checked as a whole before any file is read, so that a typo fails in a second instead of after
-the caching or at the first save: every option against its mapping (train.py's CHOICES), every range, every
-combination that cannot work, the devices, the dataset config (read and checked whole), the attention backend.
+train.py's config, checked whole before any file is read so that a typo fails in a second, not after the caching: every
+option against train.py's CHOICES, every range and impossible combination, the devices, the dataset config, the attention backend.
 
     python train.py --learning_rate=-1 --optimizer_type=adamw     # lists both problems, reads nothing
 """
@@ -12,7 +11,7 @@ import torch
 import dataset_toml
 import lumina2
 import memory
-from configurator import choice_problems, device_problem, range_problems
+from configurator import device_problem, problems as config_problems
 
 NONNEG = (lambda v: v >= 0, ">= 0")
 POSITIVE = (lambda v: v > 0, "> 0")
@@ -37,10 +36,8 @@ RANGES = {"learning_rate": POSITIVE, "network_dim": AT_LEAST_1, "network_alpha":
 
 
 def validate(c, world, choices):
-    """Every problem of the config c (for `world` processes; choices: train.py's CHOICES) at once, as SystemExit,
-    before any file is read. Also selects the attention backend."""
-    # attention's name is checked with its package, device and dtype by set_attention below
-    problems = choice_problems(c, {k: v for k, v in choices.items() if k != "attention"}) + range_problems(c, RANGES)
+    """Every problem of config c (`world` processes; choices: CHOICES) in one SystemExit; set_attention checks, sets attention."""
+    problems = config_problems(c, {k: v for k, v in choices.items() if k != "attention"}, RANGES)
     problems += [p for p in (device_problem(c.device, "device"), device_problem(c.ema_device, "ema_device")) if p]
     if not all(isinstance(p, str) for p in c.sample_prompts):
         problems.append(f"sample_prompts must be a list of strings, got {c.sample_prompts!r}")
@@ -54,14 +51,13 @@ def validate(c, world, choices):
     if splits is not None and c.validate_every_n_steps > 0 and max(splits) == 0:
         problems.append("validate_every_n_steps needs validation images: set validation_split (here, or in the dataset_config's "
                         "[general] or [[datasets]])")
-    combos = [
-        (c.fused_backward_pass and (c.train_mode != "full" or c.gradient_accumulation_steps != 1 or world > 1),
-         "fused_backward_pass needs train_mode='full', gradient_accumulation_steps=1 and one process (the step runs "
-         "inside backward, before gradients could be accumulated or averaged)"),
-        (world > 1 and c.parallel == "fsdp" and c.train_mode != "full", "parallel='fsdp' is for train_mode='full'; LoRA training uses 'ddp'"),
-        (c.attention == "sage", "attention='sage' has no backward pass (sageattention's kernels are inference-only): "
-                                "train with 'sdpa' or 'flash' and use sage in sample.py"),
-    ]
+    combos = [(c.fused_backward_pass and (c.train_mode != "full" or c.gradient_accumulation_steps != 1 or world > 1),
+               "fused_backward_pass needs train_mode='full', gradient_accumulation_steps=1 and one process (the step runs "
+               "inside backward, before gradients could be accumulated or averaged)"),
+              (world > 1 and c.parallel == "fsdp" and c.train_mode != "full",
+               "parallel='fsdp' is for train_mode='full'; LoRA training uses 'ddp'"),
+              (c.attention == "sage", "attention='sage' has no backward pass (sageattention's kernels are inference-only): "
+                                      "train with 'sdpa' or 'flash' and use sage in sample.py")]
     problems += [msg for bad, msg in combos if bad]
     problems += memory.combination_problems(c.train_mode, c.fp8_base, c.fp8_scaled_mm, c.blocks_to_swap, fsdp=world > 1 and c.parallel == "fsdp")
     if not device_problem(c.device, "device"):

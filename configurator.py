@@ -1,9 +1,6 @@
 """
-The configurator every script shares (nanoGPT's idea, as functions): the script's lower-case module constants
-are the config; a Python file named on the command line overrides them, then --key=value flags do. Values are
-parsed as Python literals and must keep the default's type. A constant's comment is its documentation:
---help prints every constant with its default and comment, grouped as in the script, and the choices of an
-option from the script's CHOICES (a name -> mapping of the implementations, which the config check reads too).
+The configurator every script shares (nanoGPT's idea, as functions): lower-case module constants are the config, overridden by
+a Python file named on the command line, then --key=value flags (literals of the default's type); their comments are --help.
 
     python train.py config/demo.py --learning_rate=3e-4 --output_dir='"out/x"'
     python train.py --help
@@ -17,8 +14,7 @@ import torch
 
 
 def configure(defaults, argv=None):
-    """defaults: the script's globals(); the config keys are its names of plain values that do not start
-    with '_'. Updates defaults in place and returns the resulting config dict."""
+    """defaults: the script's globals(), updated in place -> the config: its lower-case plain values not starting with '_'."""
     keys = [k for k, v in defaults.items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str, list, tuple, type(None)))]
     for arg in sys.argv[1:] if argv is None else argv:
         if arg in ("--help", "-h"):
@@ -58,19 +54,17 @@ def set_key(defaults, keys, key, value, where):
 
 
 def settings(path):
-    """-> [(group, [(name, default as written, comment)])] of the script at `path`. A comment line after a blank
-    line (or the first rule) names a group; one right under a constant continues that constant's comment."""
+    """-> [(group, [(name, default as written, comment)])] of the script at `path`, between its first two `# ---` rules."""
     lines = open(path, encoding="utf-8").read().split("\n")
     rules = [i for i, line in enumerate(lines) if line.startswith("# ---")]
     groups, last = [], None
     for line in lines[rules[0] + 1:rules[1]]:
         if not line.strip():
             last = None
-        elif line.startswith("#"):
-            if last is None:
-                groups.append((line.lstrip("# "), []))
-            else:
-                last[2] += " " + line.lstrip("# ")
+        elif line.startswith("#") and last is None:  # after a blank line (or the first rule): a group's name
+            groups.append((line.lstrip("# "), []))
+        elif line.startswith("#"):  # right under a constant: more of its comment
+            last[2] += " " + line.lstrip("# ")
         else:
             code, _, comment = line.partition("  # ")
             name, _, default = code.partition(" = ")
@@ -82,8 +76,7 @@ def settings(path):
 
 
 def describe(path, choices):
-    """Every constant of the script at `path`, its default as written, its comment and, for an option, its choices
-    (the keys of choices[name]), grouped as in the script: what --help prints, in markdown (docs/config.md)."""
+    """What --help prints, in markdown (docs/config.md): settings(path), each option with its choices (keys of choices[name])."""
     out = [f"## `python {os.path.basename(path)} [config/x.py ...] [--key=value ...]`"]
     for group, rows in settings(path):
         out += ["", f"**{group}**" if group else "", ""]
@@ -97,29 +90,23 @@ def describe(path, choices):
 # checks every script runs on its config before it reads a file
 
 
-def choice_problems(c, choices):
-    """Each option whose value is not a key of its mapping, with the near miss when there is one."""
-    problems = []
+def problems(c, choices, ranges=None):
+    """Each option (choices: name -> its mapping) whose value is not a key, with the near miss when there is one, and each
+    value outside its range (ranges: name -> (test, what the value must be))."""
+    out = []
     for key, allowed in choices.items():
         v = getattr(c, key)
         if v not in allowed:
             near = [a for a in allowed if isinstance(v, str) and a.lower() == v.lower()]
-            problems.append(f"{key}={v!r} is not one of {', '.join(map(repr, allowed))}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    return problems
-
-
-def range_problems(c, ranges):
-    """Each value outside its range: ranges maps a key to (test, what the value must be)."""
-    problems = []
-    for key, (ok, what) in ranges.items():
-        v = getattr(c, key)
+            out.append(f"{key}={v!r} is not one of {', '.join(map(repr, allowed))}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    for key, (ok, what) in (ranges or {}).items():
         try:
-            good = ok(v)
+            good = ok(getattr(c, key))
         except TypeError:
             good = False
         if not good:
-            problems.append(f"{key}={v!r} must be {what}")
-    return problems
+            out.append(f"{key}={getattr(c, key)!r} must be {what}")
+    return out
 
 
 def device_problem(name, what):
@@ -141,5 +128,7 @@ def device_problem(name, what):
 
 if __name__ == "__main__":
     import importlib
+    print("# Settings\n\nEvery setting of each script, its default and its comment, generated from the scripts by\n"
+          f"`python configurator.py {' '.join(sys.argv[1:])} > docs/config.md` (a test checks it is current).\n")
     for script in sys.argv[1:]:  # the scripts' CHOICES come from importing them (their main() does not run)
         print(describe(script, getattr(importlib.import_module(script.removesuffix(".py")), "CHOICES", {})))

@@ -1,15 +1,8 @@
 """
-Data for training Lumina 2: image folders with captions, aspect buckets, caption processing, latent and
-text-feature caches, batches.
-
-A dataset is a folder (searched recursively) of .jpg/.jpeg/.png/.webp images, each with a caption in a
-same-stem .txt file, or the subsets of an sd-scripts dataset config (dataset_toml.py: TOML with
-[general], [[datasets]] and [[datasets.subsets]]); DatasetGroup trains several datasets, each at its own
-resolution, in one run. Every image goes to the aspect bucket nearest its own aspect, is resized to cover
-the bucket and centre-cropped. The AE and text encoder run once, up front (cache_latents, cache_text);
-training then reads only the caches, so both models can be freed. Shuffled captions are cached as a few
-variants per caption, and each step picks one. Disk caches are keyed by a fingerprint of everything that
-produced them, so a changed setting re-encodes and nothing goes stale.
+Training data for Lumina 2: captioned image folders, aspect buckets, caption processing, latent and text-feature caches,
+batches. A dataset is a folder (searched recursively) of .jpg/.jpeg/.png/.webp images with same-stem .txt captions, or
+the subsets of an sd-scripts dataset config (dataset_toml.py). The AE and text encoder run once, up front (cache_latents,
+cache_text), so both can be freed for training; disk caches are keyed by a fingerprint of all that produced them.
 
     python -c "import data; ds = data.Dataset('out/demo/demo_images', resolution=64); print(len(ds), set(ds.buckets))"
 """
@@ -38,12 +31,9 @@ PREPROCESS = "lanczos-centre-box-v3"
 
 
 def bucket_sizes(resolution, step=16, max_aspect=4.0):
-    """The official Lumina buckets (imgproc.generate_crop_size_list, recomputed): with a budget of
-    (resolution/step)^2 tiles of step x step px, walk the staircase of tile counts (wp, hp), wide to tall:
-    grow hp while wp*hp fits the budget, else shrink wp, keeping each visited size with aspect <= max_aspect.
-    -> list of (w, h) in px, multiples of step, area <= resolution^2. At 1024 with step 16 (the official
-    finetune's 8 px per latent x patch 2) this is 193 sizes, 2048x512 ... 1024x1024 ... 512x2048; the
-    "51 sizes" quoted in the spec and notes does not come out of this rule, nor of any 16 px rule tried."""
+    """The official Lumina buckets (imgproc.generate_crop_size_list, recomputed) -> [(w, h)], multiples of step: walk the
+    tile counts (wp, hp) wide to tall, growing hp while wp*hp fits the budget (resolution/step)^2, else shrinking wp, keeping
+    aspect <= max_aspect. At 1024, step 16 (8 px/latent x patch 2): 193 sizes; the spec's "51 sizes" fits no 16 px rule tried."""
     budget = round((resolution / step) ** 2)
     sizes, wp, hp = [], budget, 1
     while wp > 0:
@@ -69,8 +59,7 @@ def image_size(path):
 
 
 def load_image(path):
-    """-> RGB PIL image, EXIF rotation applied, more than 8 bits per sample scaled down (not clipped),
-    transparency composited over white (not black)."""
+    """-> RGB PIL image: EXIF rotation applied, >8-bit samples scaled down (not clipped), alpha over white (not black)."""
     with Image.open(path) as img:
         img = to_8bit(ImageOps.exif_transpose(img))
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -79,10 +68,8 @@ def load_image(path):
 
 
 def resize_cover_crop(img, w, h, path=None):
-    """The centre w x h of the image resized (LANCZOS) to cover w x h, keeping its aspect. Only the region
-    that is kept is resized, in one call (a box in source pixels, fractional), so an extreme strip never
-    becomes a huge intermediate: 20000 x 20 at 512 x 512 would otherwise be resized to 512000 x 512 first.
-    With `path` (the image's file), an extreme upscale or crop is warned about, once per file."""
+    """The centre w x h resized (LANCZOS) to cover w x h; only the kept box (fractional source px) is resized, never a huge
+    intermediate (20000 x 20 at 512 x 512 would be 512000 x 512). `path`: warn once of an extreme upscale or crop."""
     W, H = img.size
     if w * H >= h * W:  # the kept region (bw x bh source px, aspect w:h) spans the whole width...
         bw, bh = W, h * W / w
@@ -104,17 +91,13 @@ def to_tensor(img):
 
 
 def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
-    """All images under root (sorted; recursive, or only those directly inside as sd-scripts' image_dir)
-    -> list of (path, caption). A missing caption file gives class_tokens, or "" with a warning; an image
-    that fails to decode is reported and skipped; caption files that are not UTF-8 are all listed in one BadInput."""
+    """Sorted images under root (recursive, or only those directly inside as sd-scripts' image_dir) -> [(path, caption)]."""
     if not os.path.isdir(root):
         raise BadInput(f"dataset folder {root!r} does not exist or is not a folder")
     items, bad, not_utf8 = [], [], []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(dirs) if recursive else []
-        for name in sorted(files):
-            if not name.lower().endswith(IMAGE_EXTS):
-                continue
+        for name in sorted(n for n in files if n.lower().endswith(IMAGE_EXTS)):
             path = os.path.join(folder, name)
             if not readable_image(path):
                 bad.append(path)
@@ -133,8 +116,7 @@ def scan_folder(root, caption_ext=".txt", recursive=True, class_tokens=None):
 
 
 def read_caption(image_path, caption_ext, class_tokens=None):
-    """The same-stem caption file's text, stripped (a UTF-8 BOM too). When the file is missing:
-    class_tokens (sd-scripts' DreamBooth fallback) if given, else "" with a warning."""
+    """The same-stem caption file's text, stripped (BOM too); if missing, class_tokens (sd-scripts' DreamBooth), else ""."""
     path = os.path.splitext(image_path)[0] + caption_ext
     if not os.path.exists(path):
         if class_tokens is not None:
@@ -145,10 +127,7 @@ def read_caption(image_path, caption_ext, class_tokens=None):
 
 
 def scan_metadata(metadata_file, image_dir=None):
-    """sd-scripts' fine-tuning metadata, a JSON object {image key: {"caption": ..., "tags": ...}} -> list of
-    (path, caption), sorted by key. A key is an image's path, or its name (with or without the extension)
-    inside image_dir; the caption is the caption and the tags joined with ", ". A missing or unreadable
-    image is reported and skipped."""
+    """sd-scripts' fine-tuning metadata_file -> [(path, caption and tags joined with ", ")], sorted by key (see find_image)."""
     meta = read_metadata(metadata_file)
     items, missing = [], []
     for key in sorted(meta):
@@ -169,13 +148,12 @@ def scan_metadata(metadata_file, image_dir=None):
 
 
 def read_metadata(path):
-    """A metadata_file -> its dict {image key: {"caption": ..., "tags": ...}}. A file that is not UTF-8, not
-    valid JSON (named with the line and column) or not such an object raises BadInput naming it."""
+    """A metadata_file -> its dict {image key: {"caption": ..., "tags": ...}}, or BadInput saying what is wrong with it."""
     try:
         meta = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise BadInput(f"{path!r} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}; fix it "
-                               f"(a JSON checker such as python -m json.tool {path} points at it)") from None
+                       f"(a JSON checker such as python -m json.tool {path} points at it)") from None
     if not (isinstance(meta, dict) and all(isinstance(v, dict) for v in meta.values())):
         raise BadInput(f"{path!r} is not a JSON object of {{image: {{\"caption\": ..., \"tags\": ...}}}}")
     return meta
@@ -187,32 +165,27 @@ def find_image(key, image_dir):
                           if image_dir else [])
     return next((c for c in candidates if c.lower().endswith(IMAGE_EXTS) and os.path.isfile(c)), None)
 
-# What a subset is: sd-scripts' dataset keys with their defaults (dataset_toml.py reads them from a TOML and
-# checks them; train.py's dataset constants replace some, as sd-scripts' command-line flags do)
+# What a subset is: sd-scripts' dataset keys with their defaults (dataset_toml.py reads and checks them from a TOML)
 SUBSET_DEFAULTS = dict(
-    resolution=1024, batch_size=1,
-    enable_bucket=False,  # false (sd-scripts' default): every image is cropped to the resolution
+    resolution=1024, batch_size=1, enable_bucket=False,  # false (sd-scripts' default): every image is cropped to the resolution
     min_bucket_reso=None, max_bucket_reso=None,  # unset: the official buckets' own range (aspect <= 4)
     bucket_reso_steps=16,  # sd-scripts' default is 64; the official buckets walk 16 px tiles
     bucket_no_upscale=False, validation_split=0.0, validation_seed=0,
     system_prompt=lumina2.SYSTEM_PROMPTS["base"],  # one text cache per dataset
-    num_repeats=1, flip_aug=False, caption_extension=".txt",
-    class_tokens=None,  # the caption of an image without a caption file
+    num_repeats=1, flip_aug=False, caption_extension=".txt", class_tokens=None,  # the caption of an image without a caption file
     shuffle_caption=False, keep_tokens=0, keep_tokens_separator="", caption_separator=",", caption_prefix="",
     caption_suffix="", caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0, image_dir=None, metadata_file=None, is_reg=False)
 
 
 def folder_subset(root, **values):
-    """The one subset that train_data_dir stands for: the folder searched recursively, bucketed, with train.py's
-    dataset constants (values: keys of SUBSET_DEFAULTS) for the rest."""
+    """The one subset train_data_dir stands for: the folder, recursive and bucketed, with `values` (train.py's constants)."""
     return {**SUBSET_DEFAULTS, **values, "image_dir": root, "enable_bucket": True, "dataset": 0, "table": "train_data_dir",
             "recursive": True}
 
 
 def dataset_buckets(s):
-    """The sizes (w, h) a dataset's images may go to: the official staircase for an area of resolution^2 (or
-    w x h) over bucket_reso_steps tiles, with sides in [min_bucket_reso, max_bucket_reso]; one size, the
-    resolution itself, when enable_bucket is false."""
+    """The sizes (w, h) a dataset's images may go to: bucket_sizes for an area of resolution^2 (or w x h), sides in
+    [min_bucket_reso, max_bucket_reso]; only the resolution itself when enable_bucket is false."""
     w, h = s["resolution"] if isinstance(s["resolution"], list) else (s["resolution"], s["resolution"])
     if not s["enable_bucket"]:
         return [(w, h)]
@@ -221,8 +194,7 @@ def dataset_buckets(s):
 
 
 def image_bucket(w, h, sizes, s):
-    """The bucket of a w x h image: the nearest in aspect; with bucket_no_upscale, an image smaller than that
-    bucket keeps its own size cut down to the step (sd-scripts' rule: it is never enlarged)."""
+    """The nearest bucket in aspect, or with bucket_no_upscale a smaller image's size cut to the step (sd-scripts' rule)."""
     b = nearest_bucket(w, h, sizes)
     step = s["bucket_reso_steps"]
     if s["enable_bucket"] and s["bucket_no_upscale"] and w * h < b[0] * b[1]:
@@ -239,11 +211,9 @@ def shuffles(s):
 
 
 def make_caption(caption, s, rng=None):
-    """The text one image trains with. The prefix and suffix are joined on first (sd-scripts shuffles them with
-    the rest). When the subset shuffles or drops tags, or the text has keep_tokens_separator, it is split
-    into tags at caption_separator: the first keep_tokens tags (or the parts before the first and after the
-    second separator) stay where they are; the others are shuffled and each dropped with
-    caption_tag_dropout_rate, using rng (None: kept in order, none dropped); the tags are joined with ", "."""
+    """The text one image trains with: prefix + caption + suffix (sd-scripts shuffles those too), split at caption_separator
+    when the subset shuffles or drops tags or the text has keep_tokens_separator: the first keep_tokens tags (or the parts
+    outside the two separators) stay put, the rest are shuffled and dropped by rng (None: neither); joined with ", "."""
     text = " ".join(t for t in (s["caption_prefix"], caption, s["caption_suffix"]) if t)
     sep = s["keep_tokens_separator"]
     if not (shuffles(s) or (sep and sep in text)):
@@ -303,26 +273,21 @@ def cache_hit(path, text):
 
 @contextlib.contextmanager
 def exact_fp32():
-    """fp32 convolutions and matmuls in IEEE fp32 inside, whatever the process's TF32 settings: on a GPU,
-    cuDNN runs fp32 convs in TF32 by default (10-bit mantissa), which would make GPU-made latent caches differ
-    from CPU-made ones under the same fingerprint."""
-    new_api = hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision")
-    if new_api:  # torch >= 2.9; mixing it with the legacy allow_tf32 flags is an error there
-        knobs = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
-        kept = [k.fp32_precision for k in knobs]
-        for k in knobs:
-            k.fp32_precision = "ieee"
+    """IEEE fp32 convolutions and matmuls inside, whatever the TF32 settings: on a GPU cuDNN runs fp32 convs in TF32 by
+    default (10-bit mantissa), so GPU-made latent caches would differ from CPU-made ones under the same fingerprint."""
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        # torch >= 2.9; mixing it with the legacy allow_tf32 flags is an error there
+        knobs = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"), (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
     else:
-        kept = [torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32]
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        knobs = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+    kept = [(knob, name, getattr(knob, name)) for knob, name, _ in knobs]
+    for knob, name, value in knobs:
+        setattr(knob, name, value)
     try:
         yield
     finally:
-        if new_api:
-            for k, v in zip(knobs, kept):
-                k.fp32_precision = v
-        else:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = kept
+        for knob, name, value in kept:
+            setattr(knob, name, value)
 
 
 def cache_get(store, key):
@@ -333,20 +298,12 @@ def cache_get(store, key):
 
 
 class Dataset:
-    """The images of one folder, or of the subsets of one [[datasets]] table of a dataset config, in aspect
-    buckets, with cached latents and caption features. Per image: its bucket, its repeats per epoch (0 for a
-    validation image), its caption texts (several variants when its subset shuffles), its subset's flip and
-    caption dropout. Per dataset: the buckets, batch_size and system_prompt.
-
-    Caches: latents are kept in `dtype` (fp32 by default, lossless; bf16 halves the memory) and returned
-    as fp32; caption features are kept as the text encoder returned them (its weight dtype), valid tokens
-    only, and padded per batch. With cache_dir they live on disk and are read when a batch needs them."""
-
+    """The images of one folder, or of the subsets of one [[datasets]] table, in aspect buckets; per image a bucket, repeats per
+    epoch (0: validation) and caption texts (variants if its subset shuffles). Latents are cached in `dtype` (fp32 by default,
+    lossless; bf16 halves the memory), returned as fp32; caption features in the encoder's dtype, valid tokens only."""
     def __init__(self, root=None, resolution=1024, repeats=1, flip=False, caption_ext=".txt", bucket_step=16,
                  subsets=None, variants=1, seed=0):
-        """Either a folder (root and the keywords after it; caption dropout then comes from batches()), or
-        subsets: the subset dicts of one [[datasets]] table (read_dataset_config or folder_subset), with
-        `variants` cached texts per shuffled caption, drawn from `seed`."""
+        """A folder (root and the keywords after it; caption dropout from batches()) or one [[datasets]] table's subsets."""
         if subsets is None:
             subsets = [folder_subset(root, resolution=resolution, num_repeats=repeats, flip_aug=flip, caption_extension=caption_ext,
                                      bucket_reso_steps=bucket_step, caption_dropout_rate=None)]
@@ -380,8 +337,7 @@ class Dataset:
         return self.subsets[self.subset_of[i]]
 
     def split_validation(self, split, seed):
-        """The images held out for validation: a `split` fraction of the non-regularisation images (at least
-        one when split > 0; all of them when split = 1), drawn from `seed` alone -> set of indices."""
+        """The held-out indices: a `split` fraction of the non-reg images (>= 1 when split > 0), drawn from `seed` alone."""
         pool = [i for i in range(len(self.items)) if not self.subset(i)["is_reg"]]
         if split <= 0 or not pool:
             return set()
@@ -389,10 +345,8 @@ class Dataset:
         return {pool[k] for k in np.random.default_rng(seed).permutation(len(pool))[:n]}
 
     def balance_regularisation(self):
-        """sd-scripts' rule for is_reg images: they are repeated until they give as many samples per epoch as
-        the training images do (num_repeats included), cycling through them one more repeat at a time after
-        a first pass with their own num_repeats; those the count never reaches are not used. They train like
-        any other image (sd-scripts' prior_loss_weight is 1 by default; it is not offered here)."""
+        """sd-scripts' is_reg rule: a pass at their num_repeats, then one repeat at a time until they match the training
+        images' samples per epoch; those never reached go unused (sd-scripts' prior_loss_weight, 1, is not offered)."""
         reg = [i for i in range(len(self.items)) if self.subset(i)["is_reg"]]
         target = sum(r for i, r in enumerate(self.repeats) if not self.subset(i)["is_reg"])
         if not reg:
@@ -421,9 +375,8 @@ class Dataset:
 
     @torch.no_grad()
     def cache_latents(self, ae, device="cpu", batch_size=1, cache_dir=None, sample=False, dtype=torch.float32, ae_id=""):
-        """Encode every image (and its mirror image with flip=True) once, in batches of one bucket.
-        sample=False encodes the posterior mean; sample=True one posterior draw, seeded by the entry's
-        fingerprint so that it is reproducible. Returns (reused, encoded)."""
+        """Encode every image (and its mirror image with flip=True) once, in batches of one bucket: the posterior
+        mean, or with sample=True one draw seeded by the entry's fingerprint (reproducible). Returns (reused, encoded)."""
         if cache_dir and not ae_id:
             warnings.warn("cache_latents without ae_id: a different AE file will not invalidate the disk cache")
         ae_dtype = str(next(ae.parameters()).dtype)
@@ -467,10 +420,8 @@ class Dataset:
 
     @torch.no_grad()
     def cache_text(self, text_encoder, system_prompt, max_length, cache_dir=None, te_id="", batch_size=8):
-        """Encode every distinct caption text the images use (every cached variant of a shuffled caption),
-        and the empty caption "" for caption dropout (the system prompt still applied), keeping the first
-        min(max_length, encoder max) valid tokens. Gemma is causal, so these equal an encoding truncated at
-        that length. Returns (reused, encoded)."""
+        """Encode every caption text in use (all variants) and "" for caption dropout (system prompt still applied), keeping
+        the first min(max_length, encoder max) valid tokens (Gemma is causal: same as truncating) -> (reused, encoded)."""
         if cache_dir and not te_id:
             warnings.warn("cache_text without te_id: a different text-encoder file will not invalidate the disk cache")
         max_length = min(max_length, text_encoder.max_length)
@@ -488,9 +439,8 @@ class Dataset:
         jobs = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
         source = self.caption_sources()
         for job in tqdm(jobs, desc="encoding captions", disable=not jobs):
-            captions = [c for c, _, _ in job]
-            names = [source[c] for c in captions]  # for the truncation warning
-            feats, mask = text_encoder(captions, system_prompt, names)  # (B, L, D), (B, L)
+            captions = [c for c, _, _ in job]  # source names them in the truncation warning
+            feats, mask = text_encoder(captions, system_prompt, [source[c] for c in captions])  # (B, L, D), (B, L)
             for (caption, text, file), f, m in zip(job, feats.cpu(), mask.cpu()):
                 f = f[:min(int(m.sum()), max_length)].clone()  # (L_i, D) valid tokens only
                 if file:
@@ -500,8 +450,7 @@ class Dataset:
         return reused, len(todo)
 
     def caption_sources(self):
-        """caption text -> where it came from, for messages: the caption file of the first image using it, or
-        the image itself when the caption came from a metadata_file, class_tokens or no file at all."""
+        """caption text -> where it came from, for messages: the caption file of the first image using it, else that image."""
         source = {}
         for i, (path, _) in enumerate(self.items):
             sub = self.subset(i)
@@ -513,11 +462,9 @@ class Dataset:
         return source
 
     def epoch_plan(self, batch_size, seed, epoch, caption_dropout=0.0):
-        """The whole epoch as lists of (index, flipped, caption text), from (seed, epoch) only: shuffle each
-        bucket's samples (repeats included), cut them into batches (a bucket's last batch may be smaller:
-        it is kept, not dropped or padded), shuffle the batch order, then draw per sample the flip, the
-        caption dropout (the subset's rate, else `caption_dropout`; a dropped caption is "") and which cached
-        variant of its caption it uses, each from its own generator, so one setting never changes another's draws."""
+        """The epoch as lists of (index, flipped, caption text), from (seed, epoch) only: each bucket's samples (repeats
+        included) shuffled and batched (a short last batch is kept), batches shuffled, then per sample the flip, caption
+        dropout (the subset's rate, else `caption_dropout`) and variant, each by its own generator so none shifts another."""
         order = np.random.default_rng([seed, epoch, 0])
         by_bucket = {}
         for i, b in enumerate(self.buckets):
@@ -545,8 +492,7 @@ class Dataset:
         return plan
 
     def len_batches(self, batch_size):
-        """Batches per epoch: per bucket ceil(samples / batch_size) (samples: repeats included, validation
-        images excluded), the last one kept even if short."""
+        """Batches per epoch: per bucket ceil(samples / batch_size), repeats included, validation images excluded."""
         samples = {}
         for b, r in zip(self.buckets, self.repeats):
             samples[b] = samples.get(b, 0) + r
@@ -557,20 +503,17 @@ class Dataset:
             raise RuntimeError("call cache_latents(ae, ...) and cache_text(text_encoder, ...) before batches()")
 
     def batches(self, batch_size, seed, epoch, caption_dropout=0.0, skip=0, rank=0, world=1):
-        """Yield the epoch's batches, from batch `skip` on (exact resume: the skipped batches are not
-        loaded), as load() makes them. With world > 1 processes a global batch holds batch_size x world
-        samples and this rank gets its share."""
+        """Yield the epoch's batches as load() makes them, from batch `skip` on (exact resume: skipped ones are not
+        loaded). With world > 1 processes a global batch holds batch_size x world samples and this rank gets its share."""
         self.check_cached()
         for batch in self.epoch_plan(batch_size * world, seed, epoch, caption_dropout)[skip:]:
             yield self.load(batch, rank, world)
 
     def load(self, batch, rank=0, world=1):
-        """One batch of the plan -> dict: latents (B, 16, h, w) fp32, cap_feats (B, L, D) in the text encoder's
-        dtype, zero-padded to this batch's longest caption, cap_mask (B, L) bool, captions (the texts used:
-        "" when dropped), paths. This rank's contiguous share starts at `start` of `global_size`; `weight` =
-        share x world / global_size makes the average over ranks of weight x (share mean) the global mean.
-        A rank left with no sample (a bucket's short last batch) gets the batch's first one with weight 0:
-        every rank must run backward."""
+        """One batch of the plan -> dict: latents (B, 16, h, w) fp32, cap_feats (B, L, D) in the encoder's dtype, zero-padded to
+        the longest caption, cap_mask (B, L) bool, captions (texts used, "" when dropped), paths. This rank's contiguous share
+        starts at `start` of `global_size`; `weight` = share x world / global_size makes the mean over ranks of weight x (share
+        mean) the global mean. A rank left with no sample gets the batch's first at weight 0: every rank must run backward."""
         n = len(batch)
         lo, hi = n * rank // world, n * (rank + 1) // world
         share = batch[lo:hi] or batch[:1]
@@ -587,24 +530,19 @@ class Dataset:
                 "global_size": n, "start": lo if hi > lo else 0, "weight": (hi - lo) * world / n}
 
     def validation_batches(self):
-        """The validation images, bucket by bucket and in index order, batch_size at a time, unflipped, each
-        with its caption as written: the same batches at every call."""
+        """The validation images bucket by bucket, in index order, batch_size at a time, unflipped, captions as written."""
         self.check_cached()
         by_bucket = {}
         for i in sorted(self.val):
             by_bucket.setdefault(self.buckets[i], []).append(i)
-        for b in sorted(by_bucket):
-            idx = by_bucket[b]
+        for _, idx in sorted(by_bucket.items()):
             for k in range(0, len(idx), self.batch_size):
                 yield self.load([(i, False, self.texts[i][0]) for i in idx[k:k + self.batch_size]])
 
 
 class DatasetGroup:
-    """The datasets of one run (one per [[datasets]] table, or the one folder), each with its own buckets,
-    batch size and system prompt. An epoch is one epoch of every dataset: dataset k plans its batches from
-    seed + k, and the order in which the datasets take turns is drawn from (seed, epoch), so a batch never
-    mixes datasets or buckets, and one dataset alone trains exactly as that Dataset would."""
-
+    """The datasets of one run. An epoch is one epoch of each: dataset k plans from seed + k, turns are drawn from (seed,
+    epoch), so a batch never mixes datasets or buckets and one dataset alone trains exactly as that Dataset would."""
     def __init__(self, datasets):
         self.datasets = datasets
         if not any(any(ds.repeats) for ds in datasets):
@@ -631,12 +569,8 @@ class DatasetGroup:
         plans = [ds.epoch_plan(ds.batch_size * world, seed + k, epoch) for k, ds in enumerate(self.datasets)]
         turns = np.repeat(np.arange(len(plans)), [len(p) for p in plans])
         turns = np.random.default_rng([seed, epoch, 4]).permutation(turns)
-        taken = [0] * len(plans)
-        out = []
-        for k in turns:
-            out.append((int(k), plans[k][taken[k]]))
-            taken[k] += 1
-        return out
+        queues = [iter(p) for p in plans]
+        return [(int(k), next(queues[k])) for k in turns]
 
     def batches(self, seed, epoch, skip=0, rank=0, world=1):
         """Yield the epoch's batches from batch `skip` on (see Dataset.batches and Dataset.load)."""

@@ -1,8 +1,6 @@
 """
-sd-scripts' dataset config (TOML: [general], [[datasets]], [[datasets.subsets]]), read and checked as a whole
-before any image is: each key's table and type, sd-scripts' keys this trainer refuses (with the reason), the
-bucket ranges, the image sources. The nearest table wins: subset over dataset over [general] over train.py's
-dataset constants over data.SUBSET_DEFAULTS. The result is a list of subset dicts for data.build_datasets.
+sd-scripts' dataset config (TOML: [general], [[datasets]], [[datasets.subsets]]) -> subset dicts for data.build_datasets,
+checked as a whole before any image is read: each key's table and type, refused keys (with the reason), buckets, sources.
 
     python -c "import dataset_toml; print(dataset_toml.read_dataset_config('my_dataset.toml'))"
 """
@@ -19,7 +17,7 @@ def is_int(v):
 
 
 def is_number(v):
-    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def is_side(v):
@@ -33,38 +31,25 @@ AT_LEAST_1 = (lambda v: is_int(v) and v >= 1, "an integer >= 1")
 RATE = (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
 SIDE = (is_side, "a positive multiple of 16")
 
-# Where a key may be written: DATASET keys hold one value per [[datasets]] (in [general] or [[datasets]]); SUBSET
-# keys may be written at every level and the subset's own table wins; OWN keys belong to one subset only.
+# Where a key goes: DATASET: one value per [[datasets]] ([general] or [[datasets]]); SUBSET: any table; OWN: a subset only
 DATASET, SUBSET, OWN = "dataset", "subset", "own"
 
 # Every supported key (its default and meaning: data.SUBSET_DEFAULTS): (where, (check, what the value must be)).
 KEYS = {
     "resolution": (DATASET, (lambda v: is_side(v) or (isinstance(v, list) and len(v) == 2 and all(map(is_side, v))),
                              "a side or [width, height], positive multiples of 16")),
-    "batch_size": (DATASET, AT_LEAST_1),
-    "enable_bucket": (DATASET, BOOL),
-    "min_bucket_reso": (DATASET, SIDE),
-    "max_bucket_reso": (DATASET, SIDE),
-    "bucket_reso_steps": (DATASET, SIDE),
-    "bucket_no_upscale": (DATASET, BOOL),
+    "batch_size": (DATASET, AT_LEAST_1), "enable_bucket": (DATASET, BOOL), "min_bucket_reso": (DATASET, SIDE),
+    "max_bucket_reso": (DATASET, SIDE), "bucket_reso_steps": (DATASET, SIDE), "bucket_no_upscale": (DATASET, BOOL),
     "validation_split": (DATASET, (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1] (1: every image of the dataset validates)")),
-    "validation_seed": (DATASET, (is_int, "an integer")),
-    "system_prompt": (DATASET, TEXT),
-    "num_repeats": (SUBSET, AT_LEAST_1),
-    "flip_aug": (SUBSET, BOOL),
+    "validation_seed": (DATASET, (is_int, "an integer")), "system_prompt": (DATASET, TEXT),
+    "num_repeats": (SUBSET, AT_LEAST_1), "flip_aug": (SUBSET, BOOL),
     "caption_extension": (SUBSET, (lambda v: isinstance(v, str) and v.startswith("."), "an extension such as '.txt'")),
-    "class_tokens": (SUBSET, TEXT),
-    "shuffle_caption": (SUBSET, BOOL),
-    "keep_tokens": (SUBSET, (lambda v: is_int(v) and v >= 0, "an integer >= 0")),
-    "keep_tokens_separator": (SUBSET, TEXT),
+    "class_tokens": (SUBSET, TEXT), "shuffle_caption": (SUBSET, BOOL),
+    "keep_tokens": (SUBSET, (lambda v: is_int(v) and v >= 0, "an integer >= 0")), "keep_tokens_separator": (SUBSET, TEXT),
     "caption_separator": (SUBSET, (lambda v: isinstance(v, str) and v != "", "a non-empty string")),
-    "caption_prefix": (SUBSET, TEXT),
-    "caption_suffix": (SUBSET, TEXT),
-    "caption_dropout_rate": (SUBSET, RATE),
+    "caption_prefix": (SUBSET, TEXT), "caption_suffix": (SUBSET, TEXT), "caption_dropout_rate": (SUBSET, RATE),
     "caption_tag_dropout_rate": (SUBSET, (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")),
-    "image_dir": (OWN, PATH),
-    "metadata_file": (OWN, PATH),
-    "is_reg": (OWN, BOOL),
+    "image_dir": (OWN, PATH), "metadata_file": (OWN, PATH), "is_reg": (OWN, BOOL),
 }
 
 # sd-scripts' other dataset keys, refused by name with the reason, so none is silently ignored
@@ -88,12 +73,9 @@ REFUSED = {
 
 
 def read_dataset_config(path, defaults=None):
-    """An sd-scripts dataset config (TOML: [general], [[datasets]], [[datasets.subsets]]) -> list of subset dicts,
-    each with every key of KEYS resolved (subset over dataset over general over `defaults` over data.SUBSET_DEFAULTS)
-    plus `dataset` (0-based index of its [[datasets]] table), `table` (its name, for messages) and
-    `recursive` (False: sd-scripts reads only the images directly inside image_dir). Checks everything a
-    config can get wrong without reading an image; raises one ValueError listing every problem, each line
-    naming the file, the table and the key."""
+    """A dataset config -> list of subset dicts, each with every key of KEYS resolved (nearest table wins: subset over dataset
+    over [general] over `defaults`, train.py's constants as sd-scripts' flags, over data.SUBSET_DEFAULTS), plus `dataset`
+    (index of its [[datasets]]), `table` (its name, for messages), `recursive` (False, as sd-scripts). One BadInput lists all."""
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -118,8 +100,7 @@ def read_dataset_config(path, defaults=None):
     if not (isinstance(datasets, list) and datasets and all(isinstance(d, dict) for d in datasets)):
         bad("top level", "datasets", "must be one or more [[datasets]] tables")
         datasets = []
-    base = dict(data.SUBSET_DEFAULTS)
-    base.update({k: v for k, v in (defaults or {}).items() if k in KEYS})
+    base = {**data.SUBSET_DEFAULTS, **known(defaults or {})}
     out = []
     for d, ds in enumerate(datasets):
         name = f"[[datasets]] #{d + 1}"
@@ -205,8 +186,7 @@ def check_sources(s, own, name, bad):
 
 
 def train_defaults(c):
-    """train.py's dataset constants under sd-scripts' key names: the whole config of train_data_dir, and the
-    layer under [general] of a dataset_config (as sd-scripts' command-line flags are)."""
+    """train.py's dataset constants under sd-scripts' key names: train_data_dir's config, or the layer under [general]."""
     return {"resolution": c.resolution, "batch_size": c.train_batch_size, "num_repeats": c.num_repeats,
             "flip_aug": c.flip_aug, "caption_extension": c.caption_extension, "caption_dropout_rate": c.caption_dropout_rate,
             "system_prompt": c.system_prompt, "validation_split": c.validation_split, "validation_seed": c.validation_seed}

@@ -1,8 +1,7 @@
 """
-The user's files, handled so that a bad one is named and none is half-written: the two kinds of failure a user
-sees as one line, writes that never leave a partial file (every writer of the project goes through
-atomic_write: LoRA, model, training state, caches, PNGs, bench), and the reading of the user's captions and
-images with a precise message for what does not decode, and a warning for what would train badly.
+The user's files, so that a bad one is named and none half-written: the two failures a user sees as one line, atomic_write
+(every writer uses it: LoRA, model, training state, caches, PNGs, bench), and reading captions and images, with a precise
+message for what does not decode and a warning for what would train badly.
 
     python -c "import files; files.atomic_write('x.txt', lambda tmp: open(tmp, 'w').write('hi'))"
     python -c "import files; print(files.readable_image('photo.jpg'), files.read_text('photo.txt'))"
@@ -20,21 +19,18 @@ from PIL import Image
 
 
 class BadInput(ValueError):
-    """A problem with something the user brought (a weight file, an image, a caption, a value), with a message
-    that names it and says what to do. train.py and sample.py print it as one line; any other exception keeps
-    its traceback, since that one is a bug."""
+    """A problem with something the user brought (a weight file, an image, a caption, a value); its message says what to do.
+    train.py and sample.py print it as one line; any other exception keeps its traceback, since that one is a bug."""
 
 
 class WriteFailed(OSError):
-    """A file could not be written (full disk, read-only folder, permissions); the file it was to replace,
-    if any, is unchanged."""
+    """A file could not be written (full disk, read-only folder, permissions); the file it was to replace, if any, is intact."""
 
 
 def atomic_write(path, write):
-    """write(tmp) into a temp file beside `path`, then rename it over `path`: a kill, a full disk or an error
-    mid-write leaves the previous file as it was and no partial temp file behind. The temp name is unique
-    per process and call (two runs never share one), and the file gets the user's normal permissions (the
-    umask), not the 0600 some writers use, so that another user's ComfyUI can read a LoRA."""
+    """write(tmp) into a temp file beside `path`, then rename it over `path`: a kill, a full disk or an error mid-write leaves
+    the previous file as it was and no temp file behind. The temp name is unique per process and call; the file gets the
+    umask's permissions, not the 0600 some writers use, so that another user's ComfyUI can read a LoRA."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -63,9 +59,8 @@ def save_file_atomic(tensors, path, metadata=None):
 
 
 def sort_header(path):
-    """Rewrite a safetensors file's JSON header with its keys sorted, in place and at the same length (the data
-    offsets stay valid): safetensors writes the metadata in an order that changes from process to process, so
-    two runs that save the same tensors would otherwise write files of different sha256."""
+    """Sort a safetensors file's JSON header keys in place, at the same length (data offsets stay valid): safetensors writes
+    the metadata in a per-process order, so two runs saving the same tensors would write files of different sha256."""
     with open(path, "r+b") as f:
         n = int.from_bytes(f.read(8), "little")
         text = json.dumps(json.loads(f.read(n)), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -79,26 +74,21 @@ def sort_header(path):
 
 
 def to_8bit(img):
-    """A greyscale image of more than 8 bits per pixel (PIL modes I;16*, I, F) -> mode L, or LA when it has a
-    transparent value; any other image unchanged. Pillow's own convert("L"/"RGB") clips these modes to
-    0..255, so a 16-bit PNG (0..65535) comes out almost white. 16-bit RGB(A) and grey+alpha PNGs need none
-    of this: Pillow opens them as 8-bit RGB(A), already scaled. Scaling: I;16* / 257 (65535 -> 255); I
-    (32-bit int, what some Pillow versions give a 16-bit PNG) / 257 when its max exceeds 255, else as is;
-    F (float) x 255 when it lies in [0, 1], else clipped."""
+    """Greyscale of more than 8 bits (modes I;16*, I, F) -> mode L, or LA with a transparent value; others unchanged (16-bit
+    RGB(A) and grey+alpha PNGs open as 8-bit). Pillow's convert() clips to 0..255, so a 16-bit PNG comes out almost white.
+    Scaling: I;16* / 257; I (some Pillows' 16-bit PNG) / 257 when its max exceeds 255; F x 255 when in [0, 1]; else clipped."""
     if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
         return img
     a = np.nan_to_num(np.asarray(img).astype(np.float64))  # (H, W)
+    v = a
     if img.mode.startswith("I;16") or (img.mode == "I" and a.max() > 255):
         v = a / 257
     elif img.mode == "F" and a.min() >= 0 and a.max() <= 1:
         v = a * 255
-    else:
-        v = a
     grey = Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8), "L")
     key = img.info.get("transparency")
     if isinstance(key, (int, float)):  # a PNG tRNS grey value, in the image's own scale
-        alpha = Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8), "L")
-        return Image.merge("LA", (grey, alpha))
+        return Image.merge("LA", (grey, Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8), "L")))
     return grey
 
 
@@ -107,9 +97,8 @@ MAX_UPSCALE, MIN_KEPT = 4.0, 0.5
 
 
 def warn_extreme(path, scale, kept):
-    """Warn once per file when its bucket enlarges it more than MAX_UPSCALE times (it trains blurred) or the
-    centre crop keeps less than MIN_KEPT of its area (most of the picture never trains). scale: output px
-    per source px; kept: the fraction of the image's area inside the crop."""
+    """Warn once per file when its bucket enlarges it over MAX_UPSCALE times (it trains blurred) or the centre crop keeps
+    under MIN_KEPT of its area (most never trains). scale: output px per source px; kept: the area fraction in the crop."""
     path = os.path.abspath(path)
     if scale > MAX_UPSCALE and (path, "upscale") not in WARNED:
         WARNED.add((path, "upscale"))
@@ -122,8 +111,7 @@ def warn_extreme(path, scale, kept):
 
 
 def readable_image(path):
-    """True when the image decodes; else False, with the reason printed. Decoding is a full load, not just
-    verify(): a truncated JPEG passes verify() and only fails when its pixels are read."""
+    """True when the image fully loads (a truncated JPEG passes verify() and fails on load()); else False, reason printed."""
     try:
         with Image.open(path) as img:
             img.verify()
@@ -137,7 +125,6 @@ def readable_image(path):
 
 class NotUTF8(BadInput):
     """A text file that does not decode as UTF-8: its path, and where its first bad byte is."""
-
     def __init__(self, path):
         self.path, self.where = path, first_bad_byte(path)
         super().__init__(f"{path} is not UTF-8 ({self.where}): re-save it as UTF-8")
@@ -156,8 +143,7 @@ def first_bad_byte(path):
 
 
 def read_text(path):
-    """A UTF-8 text file (a leading BOM dropped) -> str; not UTF-8: NotUTF8, which names the file and the
-    offset (Python's UnicodeDecodeError names neither the file nor, past its first read chunk, the offset)."""
+    """A UTF-8 text file (a leading BOM dropped) -> str; else NotUTF8, naming the file and offset (UnicodeDecodeError can't)."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             return f.read()

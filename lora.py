@@ -1,20 +1,15 @@
 """
-LoRA for the Lumina 2 Next-DiT: a wrapper Linear, injection with per-component ranks, merging, and the
-three file layouts users bring (kohya/sd-scripts, ComfyUI/diffusion-pipe, diffusers/PEFT).
+LoRA for the Lumina 2 Next-DiT: a wrapper Linear, injection with per-component ranks, merging, and the three file
+layouts users bring (kohya/sd-scripts, ComfyUI/diffusion-pipe, diffusers/PEFT). References (read, not copied): the LoRA
+paper (Hu et al. 2021); kohya-ss/sd-scripts networks/lora_lumina.py (the `lora_unet_*` layout, targets, per-component
+ranks, dropout semantics); diffusers loaders/lora_conversion_utils.py and single_file_utils.py (module names); minLoRA.
 
-References (read, not copied): the LoRA paper (Hu et al. 2021); kohya-ss/sd-scripts networks/lora_lumina.py
-(the `lora_unet_*` layout, targets, per-component ranks, dropout semantics); diffusers
-loaders/lora_conversion_utils.py and single_file_utils.py (the diffusers module names); minLoRA.
-
-A LoRA on a Linear W (out, in) is down (r, in), up (out, r), alpha: dW = up @ down * alpha / r * multiplier.
+A LoRA on a Linear W (out, in) is down (r, in), up (out, r), alpha: dW = up @ down * alpha / r * multiplier. A LoRALinear
+owns its trained tensors (trained()) and their names in a file (NAMES), which training, block swap, fp8, saving, reading and
+merging ask: a variant (DoRA, LoKr) is a subclass and one entry in VARIANTS, passed as `cls` to inject.
+Training: lora.inject(model, rank=16); AdamW(lora.lora_parameters(model)); lora.save_lora(model, "my.safetensors").
 
     python -c "import lumina2, lora; m = lumina2.load_dit('lumina_2_model_bf16.safetensors'); print(lora.apply_lora_files(m, ['style.safetensors;0.8']))"
-
-Training: lora.inject(model, rank=16); AdamW(lora.lora_parameters(model)); lora.save_lora(model, "my.safetensors").
-After inject the model's state_dict keeps every base key and gains `<path>.lora_down/lora_up.weight`.
-A LoRALinear owns the list of its trained tensors (trained()) and their names in a file (NAMES): training, block
-swap, fp8 quantisation, saving, reading and merging all ask it, so a variant (DoRA, LoKr) is a subclass that
-overrides those, and is passed as `cls` to inject / load_lora / read_lora.
 """
 import json
 import math
@@ -34,9 +29,8 @@ from files import BadInput, save_file_atomic
 
 
 class LoRALinear(nn.Module):
-    """Stands in for an nn.Linear: `weight` and `bias` are the base module's own Parameters, so the
-    model's base state_dict keys (`layers.0.attention.qkv.weight`) do not change; the low-rank pair is
-    kept in fp32 (the optimizer's master copy) and cast to the activation dtype in forward."""
+    """Stands in for a Linear: `weight` and `bias` are the base's own Parameters, so base state_dict keys
+    (`layers.0.attention.qkv.weight`) stay; down/up are fp32 (the optimizer's master copy), cast to x's dtype in forward."""
 
     # each part's name in a file, after the module's own name, per save layout (SAVE_LAYOUTS)
     NAMES = {"kohya": {"down": "lora_down.weight", "up": "lora_up.weight", "alpha": "alpha"},
@@ -93,8 +87,7 @@ class LoRALinear(nn.Module):
 
     @staticmethod
     def delta(parts, multiplier, weight):
-        """dW of a LoRA's parts (down (r, in), up (out, r), alpha) at `multiplier`: up @ down * alpha / r * multiplier,
-        (out, in) fp32 on the weight's device (a variant's dW may depend on the weight itself)."""
+        """dW = up @ down * alpha / r * multiplier: (out, in) fp32 on the weight's device (a variant may use the weight)."""
         down, up = (parts[k].to(weight.device, torch.float32) for k in ("down", "up"))
         return up @ down * (parts["alpha"] / down.shape[0] * multiplier)
 
@@ -110,8 +103,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self):
-        """Subtract what merge added (with the multiplier of that moment). Exact up to one rounding in fp32;
-        in bf16 the merge rounding does not come back."""
+        """Undo merge (at its multiplier): exact up to one rounding in fp32; in bf16 the merge rounding does not come back."""
         if self.merged:
             add_delta(self.weight, -self.delta(self.parts(), self.merged_multiplier, self.weight))
             self.merged = False
@@ -122,15 +114,25 @@ class LoRALinear(nn.Module):
 
 @torch.no_grad()
 def add_delta(weight, dw):
-    """weight (out, in) += dw, a LoRA's delta formed in fp32 on the weight's device, rounded once to the weight
-    dtype (as sd-scripts merges). An fp8 weight is refused: a LoRA's delta is mostly below fp8's resolution (a
-    weight moves in steps of 1/16 to 1/8 of itself) and would round away."""
+    """weight (out, in) += dw (fp32), rounded once to its dtype as sd-scripts merges; fp8 is refused (see the message)."""
     if weight.dtype in memory.FP8_DTYPES:
         raise ValueError("cannot merge a LoRA into an fp8 base weight: most of the LoRA's delta is below fp8's resolution "
                          "(steps of 1/16 to 1/8 of each weight) and would be lost. Merge into the bf16 weights first, then "
                          "quantise (memory.prepare(model, device, fp8=True) after lora.apply_lora_files), or keep the "
                          "LoRA unmerged (merge=False) on the fp8 base.")
     weight.copy_((weight.float() + dw).to(weight.dtype))
+
+
+VARIANTS = {"lora": LoRALinear}  # the class of each "lora_variant" a file's metadata may name; none named: "lora"
+
+
+def variant_of(meta, path):
+    """The LoRA class a file was saved from, by its "lora_variant" metadata."""
+    name = meta.get("lora_variant", "lora")
+    if name not in VARIANTS:
+        raise BadInput(f"{path} holds a LoRA variant {name!r} that lora.VARIANTS does not know ({', '.join(VARIANTS)}): "
+                       "add its class there to read it")
+    return VARIANTS[name]
 
 
 # -----------------------------------------------------------------------------
@@ -143,8 +145,7 @@ EMBEDDERS = ("x_embedder", "t_embedder.", "cap_embedder.")  # index into embedde
 
 
 def adapter_tensors(model):
-    """The trained tensors of every LoRA module in `model`, as a set of ids: what fp8, block swap and the
-    search for Linears leave alone."""
+    """ids of every LoRA module's trained tensors: what fp8, block swap and the search for Linears leave alone."""
     return {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in m.trained().values()}
 
 
@@ -156,19 +157,17 @@ def linear_paths(model):
 
 
 def rank_for(path, rank, attn_dim, mlp_dim, mod_dim, refiner_dim, embedder_dims, blocks):
-    """The rank a module gets; 0 = no LoRA. Like sd-scripts, the first given option that names the module
-    wins, in the order attention, mlp, modulation, refiner. Deviations: mlp_dim reaches the main layers'
-    `feed_forward` (in sd-scripts it never matches it), and the t_embedder takes only embedder_dims."""
+    """The rank a module gets (0: none): the first given option naming it wins, as in sd-scripts (attention, mlp, modulation,
+    refiner), but mlp_dim also reaches layers.*.feed_forward (never in sd-scripts) and t_embedder takes only embedder_dims."""
     for i, prefix in enumerate(EMBEDDERS):
         if path.startswith(prefix):
             return 0 if embedder_dims is None else int(embedder_dims[i])
     if not path.startswith(blocks):
         return 0
-    refiner = path.startswith(("noise_refiner.", "context_refiner."))
     for dim, applies in ((attn_dim, ".attention." in path),
                          (mlp_dim, path.startswith("layers.") and ".feed_forward." in path),
                          (mod_dim, "adaLN_modulation" in path),
-                         (refiner_dim, refiner)):
+                         (refiner_dim, path.startswith(("noise_refiner.", "context_refiner.")))):
         if dim is not None and applies:
             return int(dim)
     return rank
@@ -185,15 +184,15 @@ def wrap(model, path, rank, alpha, cls=None, **dropouts):
 
 def inject(model, rank=8, alpha=None, attn_dim=None, mlp_dim=None, mod_dim=None, refiner_dim=None,
            embedder_dims=None, train_blocks="all", dropout=0.0, rank_dropout=0.0, module_dropout=0.0, cls=None):
-    """Freeze every base parameter and wrap the target Linears. Targets: every Linear in layers.*,
-    noise_refiner.*, context_refiner.*, final_layer.* (180 on the 2B), narrowed by train_blocks (sd-scripts'
-    names); embedders only with embedder_dims=[x, t, cap]. A per-component dim of None means `rank`, 0 skips.
-    alpha=None gives every module alpha = its own rank (scale 1); a number is shared, as in sd-scripts.
-    cls: a LoRALinear variant. Returns {path: LoRALinear}."""
+    """Freeze the base, wrap the target Linears -> {path: LoRALinear}: every Linear in layers.*, noise_refiner.*,
+    context_refiner.*, final_layer.* (180 on the 2B), narrowed by train_blocks (sd-scripts' names); embedders only with
+    embedder_dims=[x, t, cap]. Per-component dims: None = `rank`, 0 = none; alpha=None: alpha = rank, a number is shared."""
     if train_blocks not in TRAIN_BLOCKS:
         raise ValueError(f"train_blocks must be one of {sorted(TRAIN_BLOCKS)}, got {train_blocks!r}")
     if embedder_dims is not None and len(embedder_dims) != 3:
         raise ValueError(f"embedder_dims takes three ranks [x, t, cap], got {embedder_dims!r}")
+    if (cls or LoRALinear) not in VARIANTS.values():
+        raise ValueError(f"{cls.__name__} is not in lora.VARIANTS: add it there, so that its saved files read back as {cls.__name__}")
     model.requires_grad_(False)
     out = {}
     for path, module in linear_paths(model).items():
@@ -229,16 +228,12 @@ def unmerge(model):
 # -----------------------------------------------------------------------------
 # saving
 
-
 # a file's name of a module, per layout: kohya (sd-scripts, ComfyUI) or diffusion_model (ComfyUI, diffusion-pipe, diffusers)
 SAVE_LAYOUTS = {"kohya": lambda path: "lora_unet_" + path.replace(".", "_"), "diffusion_model": lambda path: "diffusion_model." + path}
 
 
 def lora_state_dict(model, layout="kohya", dtype=None):
-    """{file key: tensor} of every LoRA module: its name by SAVE_LAYOUTS[layout], then each part's name by the
-    module's NAMES (kohya: .lora_down.weight (r, in) / .lora_up.weight (out, r) / .alpha (); diffusion_model:
-    .lora_A.weight / .lora_B.weight / .alpha). Trained tensors are cast to dtype (None: as they are); a number
-    (alpha) becomes an fp32 tensor, so that an alpha like 0.3 is not rounded to bf16."""
+    """{file key: tensor} by SAVE_LAYOUTS[layout] and NAMES, cast to dtype (None: kept); alpha fp32 (0.3 not rounded to bf16)."""
     if layout not in SAVE_LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, SAVE_LAYOUTS))}, got {layout!r}")
     sd = {}
@@ -252,15 +247,16 @@ def lora_state_dict(model, layout="kohya", dtype=None):
 
 
 def save_lora(model, path, layout="kohya", metadata=None, dtype=torch.bfloat16):
-    """Write the LoRA as safetensors, atomically, its tensors cast to dtype (alpha stays fp32). `metadata`
-    (training settings) is added as strings."""
+    """Write the LoRA as safetensors, atomically, tensors cast to dtype (alpha stays fp32), plus `metadata` as strings."""
     sd = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model, layout, dtype).items()}
     modules = lora_modules(model).values()
     meta = {"ss_network_module": "networks.lora_lumina",  # the sd-scripts layout, so its tools take the file
             "ss_network_dim": str(Counter(m.rank for m in modules).most_common(1)[0][0]),
             "ss_network_alpha": str(Counter(m.alpha for m in modules).most_common(1)[0][0]),
-            "ss_base_model_version": "lumina2", "modelspec.sai_model_spec": "1.0.1",
-            "modelspec.architecture": "lumina-2/lora"}
+            "ss_base_model_version": "lumina2", "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "lumina-2/lora"}
+    kind = {v: k for k, v in VARIANTS.items()}.get(type(next(iter(modules))))
+    if kind != "lora":  # plain LoRA files stay as sd-scripts writes them
+        meta["lora_variant"] = kind
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     save_file_atomic(sd, path, metadata=meta)
 
@@ -307,10 +303,9 @@ def peft_alpha(metadata):
 
 
 def fuse_qkv(parts, sizes, path):
-    """diffusers' separate to_q/to_k/to_v LoRAs ({"q"/"k"/"v": parts}) -> one LoRA on our fused qkv (rows q | k | v).
-    Shared down (what diffusers makes of a fused LoRA) stays rank r with up = cat(B_q, B_k, B_v); otherwise the
-    exact form is rank r_q + r_k + r_v: down = cat(A_q, A_k, A_v), up = blockdiag(B_q s_q, B_k s_k, B_v s_v),
-    alpha = that rank, each part's alpha / r folded into its block. A missing part contributes zero rows."""
+    """diffusers' separate to_q/to_k/to_v LoRAs -> one LoRA on our qkv (rows q | k | v). A shared down (diffusers' form of
+    a fused LoRA) stays rank r, up = cat(B_q, B_k, B_v); else the exact form has rank r_q + r_k + r_v: down = cat(A_q, A_k,
+    A_v), up = blockdiag(B_q s_q, B_k s_k, B_v s_v) (s = alpha / r), alpha = that rank; a missing part gives zero rows."""
     got = [parts.get(p) for p in "qkv"]
     for p, part, n in zip("qkv", got, sizes):
         if part is not None and part["up"].shape[0] != n:
@@ -324,9 +319,8 @@ def fuse_qkv(parts, sizes, path):
 
 
 def parse_lora(sd, model, metadata=None, source="the LoRA", cls=None):
-    """{key: tensor} in any of the three layouts -> {module path: parts} with parts = {"down": (r, in), "up":
-    (out, r) fp32, "alpha": float} (and a variant cls's own parts, named by its NAMES). Strict: a key that names
-    no Linear of `model` is an error (a LoRA that silently loads half is worse)."""
+    """{key: tensor} in any of the three layouts -> {module path: {"down": (r, in), "up": (out, r) fp32, "alpha": float, and a
+    variant's own parts}}. Strict: a key naming no Linear of `model` is an error (a LoRA that silently loads half is worse)."""
     cls = cls or LoRALinear
     suffixes = {"." + name: part for names in cls.NAMES.values() for part, name in names.items()}
     needed = sorted(set(next(iter(cls.NAMES.values()))) - {"alpha"})
@@ -374,12 +368,11 @@ def parse_lora(sd, model, metadata=None, source="the LoRA", cls=None):
 
 
 def read_lora(path, model, cls=None):
-    """A LoRA file -> {module path: parts} (see parse_lora). `model` supplies the valid module names (kohya names
-    are matched against them) and the q/k/v split sizes."""
+    """A LoRA file -> {module path: parts} (parse_lora); `model` gives the valid module names and the q/k/v split sizes."""
     f, meta = weightfiles.open_safetensors(path)
     sd = {k: f.get_tensor(k) for k in f.keys()}
     check_finite(sd, path)
-    return parse_lora(sd, model, meta, source=path, cls=cls)
+    return parse_lora(sd, model, meta, source=path, cls=cls or variant_of(meta, path))
 
 
 def check_finite(sd, path):
@@ -396,11 +389,9 @@ def check_finite(sd, path):
 
 
 def load_lora(model, path, multiplier=1.0, merge=True, cls=None):
-    """Apply one LoRA file. merge=True bakes multiplier * dW into the base weights (fp32 sum, one rounding)
-    and leaves plain Linears: no extra compute, but no way back except reloading the base. merge=False
-    wraps each module in a LoRALinear (or the variant cls) with the file's rank and alpha (multiplier stays
-    settable). Returns the number of modules."""
-    cls = cls or LoRALinear
+    """Apply one LoRA file -> the number of modules. merge=True bakes multiplier * dW into the base weights (no extra compute,
+    no way back but reloading); merge=False wraps each module in a LoRALinear (or cls) with the file's rank and alpha."""
+    cls = cls or variant_of(weightfiles.open_safetensors(path)[1], path)
     lora_weights = read_lora(path, model, cls)
     for name, parts in lora_weights.items():
         module = model.get_submodule(name)
@@ -417,8 +408,7 @@ def load_lora(model, path, multiplier=1.0, merge=True, cls=None):
 
 
 def apply_lora_files(model, specs, merge=True):
-    """specs: "path" or "path;multiplier" strings (sd-scripts' --lora_weights syntax). With merge=True the
-    files add up on shared modules; unmerged, only one file is allowed. Returns [(path, multiplier)]."""
+    """specs: "path" or "path;multiplier" (sd-scripts' --lora_weights) -> [(path, multiplier)]; unmerged, only one file."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not merge and len(specs) > 1:
         raise ValueError(f"{len(specs)} LoRA files: stacking them needs merge=True")

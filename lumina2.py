@@ -1,6 +1,5 @@
 """
-Lumina Image 2.0 in one file: the Next-DiT diffusion transformer, the FLUX.1 autoencoder, the
-Gemma-2-2B text-encoder wrapper, and loaders for the weight files users actually download.
+Lumina Image 2.0 in one file: the Next-DiT, the FLUX.1 autoencoder, the Gemma-2-2B text encoder, and their file loaders.
 
 References (read, not copied):
   - Alpha-VLLM/Lumina-Image-2.0 models/model.py (NextDiT, the numerical reference)
@@ -8,9 +7,8 @@ References (read, not copied):
   - Hugging Face transformers Gemma2Model (the text encoder runs through it, eager attention)
   - diffusers Lumina2Transformer2DModel / AutoencoderKL (the independent references in test_parity.py)
 
-Conventions (see README): the DiT takes t = 1 - sigma in [0, 1] (0 = noise, 1 = clean, no x1000) and
-returns the velocity v = x0 - noise. Weights are stored in bf16; the fp32 islands are marked
-"fp32 island" below. Module attribute names equal the checkpoint keys, so loading is strict.
+Conventions (see README): the DiT takes t = 1 - sigma in [0, 1] (0 = noise, 1 = clean, no x1000) -> velocity v = x0 - noise.
+Weights are stored in bf16; fp32 islands are marked "fp32 island". Attribute names are the checkpoint keys: loading is strict.
 
     python -c "import lumina2; m = lumina2.load_dit('lumina_2_model_bf16.safetensors'); print(m)"
     python -c "import lumina2; te = lumina2.load_text_encoder('gemma_2_2b_fp16.safetensors'); print(te(['a cat'])[0].shape)"
@@ -18,7 +16,7 @@ returns the velocity v = x0 - noise. Weights are stored in bf16; the fp32 island
 import contextlib
 import math
 import warnings
-from collections.abc import Mapping
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -42,8 +40,7 @@ def timestep_embedding(t, dim=256, max_period=10000.0):
 
 
 def rope_angles(pos, axes_dims, theta=10000.0):
-    """pos (B, S, 3) integer positions -> (B, S, head_dim/2) fp32 rotation angles, one block per axis.
-    fp32 island: the angle is formed in float64 and rounded once, as the official table does."""
+    """pos (B, S, 3) ints -> (B, S, head_dim/2) fp32 angles, a block per axis. fp32 island: float64, rounded once, as official."""
     parts = []
     for axis, d in enumerate(axes_dims):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)
@@ -72,9 +69,7 @@ def unpatchify(x, H, W, p):
 
 def ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier):
     """The official FFN width: 4*dim (no 2/3 factor), optionally scaled, rounded up to multiple_of."""
-    hidden = 4 * dim
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
+    hidden = 4 * dim if ffn_dim_multiplier is None else int(ffn_dim_multiplier * (4 * dim))
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
@@ -102,11 +97,9 @@ def import_kernels(name):
 
 
 def set_attention(name, dtype=None, device=None):
-    """Select the attention backend of every later forward. The scripts call it once at start-up, before any
-    caching, so a bad choice fails in the first second. For flash and sage it checks that the device is CUDA,
-    that dtype (the weights' dtype) is fp16/bf16, since their kernels take nothing else (fp32 is rejected, not
-    quietly run another way), and that the package imports. dtype or device None skips that check; the dtype is
-    checked again at call time. Clears ROUTES."""
+    """Select the backend of every later forward; called once at start-up, before any caching, so a bad choice fails at once.
+    flash/sage need a CUDA device, fp16/bf16 weights (their kernels take no fp32: rejected, not quietly run another way) and
+    the package; dtype or device None skips that check (dtype is checked again at call time). Clears ROUTES."""
     global ATTENTION
     if name not in BACKENDS:
         raise ValueError(f"attention must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
@@ -122,8 +115,7 @@ def set_attention(name, dtype=None, device=None):
 
 
 class AttentionMask(NamedTuple):
-    """One forward's key mask in the forms its backend takes. NextDiT.forward builds one per sequence with
-    attention_mask() and every block reads it, so no block (or checkpoint recompute) syncs with the host."""
+    """One forward's key mask in its backend's forms, built once per sequence so no block (or recompute) syncs with the host."""
     backend: str  # the ATTENTION it was built for
     keys: torch.Tensor  # (B, S) bool, True = a valid key
     bias: torch.Tensor | None = None  # sdpa: (B, 1, 1, S) additive, 0 or -inf, in the compute dtype
@@ -133,9 +125,8 @@ class AttentionMask(NamedTuple):
 
 
 def attention_mask(keys, max_len, dtype):
-    """keys (B, S) bool key mask, max_len its largest row count (a Python int the caller already holds, so no
-    sync), dtype the compute dtype -> AttentionMask with only the fields ATTENTION needs. The varlen backends
-    pay one host sync here (nonzero); sdpa and math none."""
+    """keys (B, S) bool, max_len its largest row count (an int the caller holds: no sync), dtype the compute dtype ->
+    AttentionMask with the fields ATTENTION needs. The varlen backends pay one host sync here (nonzero), sdpa/math none."""
     if ATTENTION == "sdpa":
         bias = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill(~keys, float("-inf"))
         return AttentionMask(ATTENTION, keys, bias=bias[:, None, None, :])
@@ -152,15 +143,13 @@ def fused_sdpa_only(device):
 
 
 def attention_report(device):
-    """For bench.py: the backend, the SDPA kernels the guard allows on `device` ("any" where there is no guard)
-    and the routes attention() took since set_attention(), with call counts."""
+    """For bench.py: the backend, the SDPA kernels allowed on `device` ("any": no guard), and the routes taken, with counts."""
     allowed = [b.name for b in FUSED_SDPA] if fused_sdpa_only(torch.device(device)) else ["any"]
     return dict(attention=ATTENTION, sdpa_allowed=allowed, routes=dict(ROUTES))
 
 
 def attention(q, k, v, mask):
-    """q (B, S, Hq, D), k/v (B, S, Hkv, D) with query head h reading kv head h // (Hq/Hkv); mask None (every key
-    valid) or the forward's AttentionMask. Returns (B, S, Hq, D) from the backend ATTENTION names in BACKENDS."""
+    """q (B, S, Hq, D), k/v (B, S, Hkv, D) (q head h reads kv head h // (Hq/Hkv)); mask None or an AttentionMask -> like q."""
     if mask is not None and mask.backend != ATTENTION:
         raise RuntimeError(f"an attention mask built for {mask.backend!r} reached attention={ATTENTION!r}: "
                            "call set_attention() before the forward, not during it")
@@ -168,16 +157,14 @@ def attention(q, k, v, mask):
 
 
 def took(route):
-    """Count an eager call's route in ROUTES. Calls traced by torch.compile are not counted (a traced count would
-    be a constant); a route depends only on the backend, the mask's presence, the device and the dtype."""
+    """Count an eager call's route in ROUTES; calls traced by torch.compile are not counted (a traced count is a constant)."""
     if not torch.compiler.is_compiling():
         ROUTES[route] = ROUTES.get(route, 0) + 1
 
 
 def sdpa_attention(q, k, v, mask):
-    """Unmasked fp16/bf16 (or off CUDA): SDPA with native GQA, which CUDA runs as flash SDPA. Masked, or fp32 on
-    CUDA (where the memory-efficient kernel runs, without GQA): K/V expanded to the query heads plus the additive
-    bias, as diffusers does -> memory-efficient / cuDNN SDPA; flash SDPA would take GQA but takes no mask."""
+    """Unmasked fp16/bf16 (or off CUDA): SDPA with native GQA (flash SDPA on CUDA). Masked, or fp32 on CUDA (memory-efficient /
+    cuDNN SDPA, no GQA): K/V expanded to the query heads plus the additive bias, as diffusers does; flash SDPA takes no mask."""
     if mask is None and (q.dtype in HALF or not fused_sdpa_only(q.device)):
         took("sdpa-gqa-unmasked")
         return sdpa(q, k, v, gqa=True)
@@ -187,18 +174,13 @@ def sdpa_attention(q, k, v, mask):
     return sdpa(q, k, v, bias=None if mask is None else mask.bias.to(q.dtype))
 
 
-def flash_attention(q, k, v, mask):
-    """flash-attn: the dense kernel unmasked, else its varlen kernel on the valid tokens (masked query rows come
-    back 0; those rows are discarded downstream). GQA by head groups."""
+def kernel_attention(q, k, v, mask):
+    """flash-attn or sageattention (inference only), as ATTENTION says: the dense kernel unmasked, else varlen() (masked
+    query rows are discarded downstream). GQA by head groups."""
     check_kernel_inputs(q, k, v)
-    took("flash-" + ("dense" if mask is None else "varlen"))
-    return flash_attn_func(q, k, v) if mask is None else varlen(flash_attn_varlen_func, q, k, v, mask)
-
-
-def sage_attention(q, k, v, mask):
-    """sageattention (inference only): as flash_attention, with its own dense and varlen kernels."""
-    check_kernel_inputs(q, k, v)
-    took("sage-" + ("dense" if mask is None else "varlen"))
+    took(f"{ATTENTION}-" + ("dense" if mask is None else "varlen"))
+    if ATTENTION == "flash":
+        return flash_attn_func(q, k, v) if mask is None else varlen(flash_attn_varlen_func, q, k, v, mask)
     return sageattn(q, k, v, tensor_layout="NHD") if mask is None else varlen(sageattn_varlen, q, k, v, mask)
 
 
@@ -208,11 +190,9 @@ def reference_attention(q, k, v, mask):
 
 
 def sdpa(q, k, v, bias=None, gqa=False):
-    """F.scaled_dot_product_attention on (B, S, H, D) tensors, bias None or (B, 1, 1, S) additive. Where
-    fused_sdpa_only(), only FUSED_SDPA may run: inputs none of them takes raise "No available kernel" (with
-    torch's warnings saying why each kernel declined) instead of running the math fallback."""
-    guard = sdpa_kernel(FUSED_SDPA) if fused_sdpa_only(q.device) else contextlib.nullcontext()
-    with guard:
+    """F.scaled_dot_product_attention on (B, S, H, D) tensors, bias None or (B, 1, 1, S) additive. Where fused_sdpa_only(),
+    inputs no FUSED_SDPA kernel takes raise "No available kernel" (torch warns why each declined) instead of running math."""
+    with sdpa_kernel(FUSED_SDPA) if fused_sdpa_only(q.device) else contextlib.nullcontext():
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, enable_gqa=gqa)
     return o.transpose(1, 2)
 
@@ -248,7 +228,7 @@ def varlen(kernel, q, k, v, mask):
     return q.new_zeros(B * S, H, D).index_copy(0, mask.indices, o).view(B, S, H, D)
 
 
-BACKENDS = {"sdpa": sdpa_attention, "flash": flash_attention, "sage": sage_attention, "math": reference_attention}
+BACKENDS = {"sdpa": sdpa_attention, "flash": kernel_attention, "sage": kernel_attention, "math": reference_attention}
 
 
 # -----------------------------------------------------------------------------
@@ -258,8 +238,7 @@ BACKENDS = {"sdpa": sdpa_attention, "flash": flash_attention, "sage": sage_atten
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # fp32 island: normalise in fp32, cast back, then scale (the official order)
@@ -273,8 +252,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
         self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)  # rows: q | k | v
         self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = (RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity() for _ in range(2))
 
     def forward(self, x, mask, rope):
         B, S, _ = x.shape
@@ -299,21 +277,17 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Sandwich-normed attention + FFN. With `modulation`, a scale and a tanh gate per branch come from
     the timestep embedding c (no shift terms); without it (context refiner) both are identity."""
-
     def __init__(self, dim, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier, norm_eps, qk_norm, modulation):
         super().__init__()
         self.attention = Attention(dim, n_heads, n_kv_heads, qk_norm, norm_eps)
         self.feed_forward = FeedForward(dim, ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier))
-        self.attention_norm1 = RMSNorm(dim, norm_eps)
-        self.ffn_norm1 = RMSNorm(dim, norm_eps)
-        self.attention_norm2 = RMSNorm(dim, norm_eps)
-        self.ffn_norm2 = RMSNorm(dim, norm_eps)
+        self.attention_norm1, self.ffn_norm1 = RMSNorm(dim, norm_eps), RMSNorm(dim, norm_eps)
+        self.attention_norm2, self.ffn_norm2 = RMSNorm(dim, norm_eps), RMSNorm(dim, norm_eps)
         if modulation:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(dim, 1024), 4 * dim))
 
     def forward(self, x, mask, rope, c=None):
-        # x (B, S, dim), mask None (every key valid) or the forward's AttentionMask, rope (cos, sin) each
-        # (B, S, head_dim/2), c (B, 1024)
+        # x (B, S, dim), mask None (every key valid) or an AttentionMask, rope (cos, sin) each (B, S, head_dim/2), c (B, 1024)
         if c is None:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, rope))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
@@ -345,7 +319,6 @@ class FinalLayer(nn.Module):
 
 class NextDiT(nn.Module):
     """Next-DiT with the official constructor names, so any official config transfers 1:1."""
-
     def __init__(self, patch_size=2, in_channels=16, dim=2304, n_layers=26, n_refiner_layers=2, n_heads=24,
                  n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
                  cap_feat_dim=2304, axes_dims=(32, 32, 32), axes_lens=(300, 512, 512)):
@@ -376,8 +349,7 @@ class NextDiT(nn.Module):
         L = int(cap_lens.max())
         assert L < self.axes_lens[0], f"caption of {L} tokens: this model's RoPE table allows {self.axes_lens[0] - 1}"
         assert h <= self.axes_lens[1] and w <= self.axes_lens[2], f"latent {H}x{W} exceeds the RoPE table"
-        # trimming padding to the longest caption makes the result independent of the padded length, and
-        # when all captions have one length no mask is needed at all (the fast, unmasked kernels run)
+        # trimmed to the longest caption, the result is independent of padding; equal lengths need no mask (fast kernels)
         cap_mask = cap_mask[:, :L].bool()
         # one mask object per sequence and forward, read by every block: caption (B, L), joint (B, L + h*w)
         cap_attn = None if bool(cap_mask.all()) else attention_mask(cap_mask, L, dtype)
@@ -410,14 +382,12 @@ class NextDiT(nn.Module):
         return unpatchify(self.final_layer(x[:, L:], c), H, W, p).float()
 
 
-DIT_PRESETS = {
-    "2b": dict(patch_size=2, in_channels=16, dim=2304, n_layers=26, n_refiner_layers=2, n_heads=24, n_kv_heads=8,
-               multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2304,
-               axes_dims=(32, 32, 32), axes_lens=(300, 512, 512)),
-    "tiny": dict(patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=2,
-                 multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True, cap_feat_dim=64,
-                 axes_dims=(8, 4, 4), axes_lens=(300, 512, 512)),
-}
+DIT_PRESETS = {"2b": dict(patch_size=2, in_channels=16, dim=2304, n_layers=26, n_refiner_layers=2, n_heads=24, n_kv_heads=8,
+                          multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2304,
+                          axes_dims=(32, 32, 32), axes_lens=(300, 512, 512)),
+               "tiny": dict(patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=2,
+                            multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True, cap_feat_dim=64,
+                            axes_dims=(8, 4, 4), axes_lens=(300, 512, 512))}
 
 # -----------------------------------------------------------------------------
 # FLUX.1 autoencoder (BFL layout: ae.safetensors)
@@ -443,7 +413,6 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions; q/k/v/proj_out are 1x1 convs as in the file."""
-
     def __init__(self, c):
         super().__init__()
         self.norm = group_norm(c)
@@ -486,7 +455,6 @@ class MidBlock(nn.Module):
 
 class Level(nn.Module):
     """One resolution level: res blocks, then an optional down- or upsample (names as in the file)."""
-
     def __init__(self, c_in, c_out, n_blocks, resample=None):
         super().__init__()
         self.block = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks)])
@@ -548,8 +516,7 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, out_ch)
 
     def encode(self, images, sample=False, generator=None):
-        """images (B, 3, H, W) in [-1, 1] -> latents (B, 16, H/8, W/8) = 0.3611 (z - 0.1159), z the
-        posterior mean (or a posterior sample with sample=True)."""
+        """images (B, 3, H, W) in [-1, 1] -> latents (B, 16, H/8, W/8) = 0.3611 (z - 0.1159), z the posterior mean or a sample."""
         mean, logvar = self.encoder(images.to(self.encoder.conv_in.weight.dtype)).chunk(2, dim=1)
         z = mean
         if sample:
@@ -563,10 +530,8 @@ class AutoEncoder(nn.Module):
         return self.decoder(z.to(self.decoder.conv_in.weight.dtype)).float()
 
 
-AE_PRESETS = {
-    "flux": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),
-    "tiny": dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16),
-}
+AE_PRESETS = {"flux": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),
+              "tiny": dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16)}
 
 # -----------------------------------------------------------------------------
 # Gemma-2-2B text encoder
@@ -580,14 +545,11 @@ PROMPT_TAG = "<Prompt Start>"
 
 
 def build_prompt(caption, system_prompt):
-    """The official template "{system} <Prompt Start> {caption}"; an empty system prompt gives the bare
-    caption, and a system prompt already ending in the tag does not get a second one."""
+    """The official "{system} <Prompt Start> {caption}"; no system prompt: the bare caption; one ending in the tag: no second."""
     if not system_prompt:
         return caption
     system_prompt = system_prompt.rstrip()
-    if system_prompt.endswith(PROMPT_TAG):
-        return f"{system_prompt} {caption}"
-    return f"{system_prompt} {PROMPT_TAG} {caption}"
+    return f"{system_prompt} {caption}" if system_prompt.endswith(PROMPT_TAG) else f"{system_prompt} {PROMPT_TAG} {caption}"
 
 
 def gemma_config(**overrides):
@@ -600,9 +562,7 @@ def gemma_config(**overrides):
 
 
 class TextEncoder(nn.Module):
-    """Gemma-2 without its last decoder layer and final norm: the output is hidden_states[-2] of the full
-    model (layer 24's raw output for the 2B). Tokenization is SentencePiece on the embedded proto."""
-
+    """Gemma-2 less its last layer and final norm: the output is the full model's hidden_states[-2] (the 2B's layer 24, raw)."""
     def __init__(self, config, spiece_proto, max_length=256):
         super().__init__()
         import sentencepiece
@@ -615,10 +575,8 @@ class TextEncoder(nn.Module):
         self.model.norm = nn.Identity()  # the features are taken before the final norm
 
     def tokenize(self, texts, names=None, captions=None):
-        """-> ids (B, L) long and mask (B, L) bool: [BOS] + pieces, no EOS, truncated to max_length,
-        right-padded with 0 to the longest in the batch. A truncated text is warned about, quoting its
-        caption (captions: one per text, default the text itself) and led by its name (names: one label per
-        text, such as the caption's file)."""
+        """-> ids (B, L) long and mask (B, L) bool: [BOS] + pieces, no EOS, truncated to max_length, right-padded with 0.
+        A truncation warns, led by names[i] (a label such as the caption's file), quoting captions[i] (default: the text)."""
         bos, pad = self.config.bos_token_id, self.config.pad_token_id
         what = "prompt" if captions is None else "caption"
         counted = "" if captions is None else ", counting the system prompt"
@@ -636,8 +594,7 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions, system_prompt=SYSTEM_PROMPTS["base"], names=None):
-        """captions: list of str -> (features (B, L, hidden) in the weight dtype, mask (B, L) bool). names: one
-        label per caption (its file, say) for the truncation warning."""
+        """captions: list of str -> (features (B, L, hidden) in the weight dtype, mask (B, L) bool); names as in tokenize."""
         ids, mask = self.tokenize([build_prompt(c, system_prompt) for c in captions], names, captions)
         dev = self.model.embed_tokens.weight.device
         ids, mask = ids.to(dev), mask.to(dev)
@@ -653,42 +610,29 @@ GEMMA_PREFIXES = ("model.", "text_encoders.gemma2_2b.transformer.model.", "")
 SPIECE_KEYS = ("spiece_model", "text_encoders.spiece_model")
 
 
-class FileTensors(Mapping):
-    """A .safetensors file as {name: tensor}: the names under the first of `prefixes` that holds `marker`, with
-    that prefix cut off (all-in-one checkpoints nest each model under one), each tensor read when it is asked for."""
-
-    def __init__(self, path, prefixes, marker):
-        from safetensors import safe_open
-        self.f = safe_open(path, framework="pt", device="cpu")
-        keys = set(self.f.keys())
-        self.prefix = next((p for p in prefixes if p + marker in keys), None)
-        if self.prefix is None:
-            raise ValueError(f"{path} holds no {marker} under any of the prefixes {prefixes}: it is not this model's file")
-        self.names = {k[len(self.prefix):] for k in keys if k.startswith(self.prefix)}
-
-    def __getitem__(self, name):
-        if name not in self.names:
-            raise KeyError(name)
-        return self.f.get_tensor(self.prefix + name)
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self):
-        return len(self.names)
+def file_tensors(path, prefixes, marker):
+    """A .safetensors file -> {name: a function that reads the tensor}: the names under the first of `prefixes` holding
+    `marker` (all-in-one checkpoints nest each model under one), the prefix cut off. Nothing is read yet."""
+    from safetensors import safe_open
+    f = safe_open(path, framework="pt", device="cpu")
+    prefix = next((p for p in prefixes if p + marker in f.keys()), None)
+    if prefix is None:
+        raise ValueError(f"{path} holds no {marker} under any of the prefixes {prefixes}: it is not this model's file")
+    return {k[len(prefix):]: partial(f.get_tensor, k) for k in f.keys() if k.startswith(prefix)}
 
 
 def fill(model, tensors, dtype, device, extra=()):
-    """A model built on the meta device -> the model holding `tensors` (name -> tensor: a FileTensors, a state dict),
-    strictly: every one of its tensors, each of its shape, and nothing left over but names starting with `extra`.
-    Each tensor is cast as it is read, so only one copy of the weights ever exists (fp8 is upcast exactly)."""
+    """A meta-device model -> the model holding `tensors` ({name: tensor, or a function reading it}), strictly: all of its
+    tensors, each of its shape, none left over but names starting with `extra`. Each is cast as it is read, so only
+    one copy of the weights ever exists (fp8 is upcast exactly)."""
     names = list(model.state_dict())
-    missing, unused = [k for k in names if k not in tensors], sorted(set(tensors) - set(names))
-    unused = [k for k in unused if not k.startswith(extra)]
+    missing = [k for k in names if k not in tensors]
+    unused = [k for k in sorted(set(tensors) - set(names)) if not k.startswith(extra)]
     if missing or unused:
         raise ValueError(f"the tensors do not fit {type(model).__name__}: missing {missing[:5]}, unused {unused[:5]} "
                          "(weightfiles.py's loaders say what a file is and which of its tensors is wrong)")
-    model.load_state_dict({k: tensors[k].to(device=device, dtype=dtype) for k in names}, strict=True, assign=True)
+    read = lambda t: t() if callable(t) else t
+    model.load_state_dict({k: read(tensors[k]).to(device=device, dtype=dtype) for k in names}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -699,26 +643,26 @@ def on_meta(cls, config):
 
 def load_dit(source, config="2b", dtype=torch.bfloat16, device="cpu"):
     """lumina_2_model_bf16.safetensors / lumina-image-2.safetensors / an all-in-one checkpoint (a path), or a
-    {name: tensor} mapping -> NextDiT of `config`: a DIT_PRESETS name or NextDiT's keyword arguments."""
-    tensors = source if isinstance(source, Mapping) else FileTensors(source, DIT_PREFIXES, "cap_embedder.1.weight")
+    {name: tensor} dict (see fill) -> NextDiT of `config`: a DIT_PRESETS name or NextDiT's keyword arguments."""
+    tensors = source if isinstance(source, dict) else file_tensors(source, DIT_PREFIXES, "cap_embedder.1.weight")
     return fill(on_meta(NextDiT, DIT_PRESETS[config] if isinstance(config, str) else config), tensors, dtype, device)
 
 
 def load_ae(source, config="flux", dtype=torch.bfloat16, device="cpu"):
-    """ae.safetensors (BFL layout, also under a vae. prefix), or a {name: tensor} mapping -> AutoEncoder of
-    `config`: an AE_PRESETS name or AutoEncoder's keyword arguments."""
-    tensors = source if isinstance(source, Mapping) else FileTensors(source, AE_PREFIXES, "decoder.conv_in.weight")
+    """ae.safetensors (also under vae.) or a {name: tensor} dict -> AutoEncoder of `config` (an AE_PRESETS name or kwargs)."""
+    tensors = source if isinstance(source, dict) else file_tensors(source, AE_PREFIXES, "decoder.conv_in.weight")
     return fill(on_meta(AutoEncoder, AE_PRESETS[config] if isinstance(config, str) else config), tensors, dtype, device)
 
 
 def load_text_encoder(source, config=None, dtype=torch.bfloat16, device="cpu", tokenizer=None, max_length=256):
-    """gemma_2_2b_fp16.safetensors / an all-in-one checkpoint (a path), or a {name: tensor} mapping -> TextEncoder.
-    config: a Gemma2Config (None: gemma-2-2b's); tokenizer: the SentencePiece model as bytes (None: the file's
-    embedded `spiece_model` tensor). The file's last layer and final norm are not loaded: the features come before them."""
+    """gemma_2_2b_fp16.safetensors / an all-in-one checkpoint (a path), or a {name: tensor} dict -> TextEncoder. config: a
+    Gemma2Config (None: gemma-2-2b's); tokenizer: SentencePiece model bytes (None: the file's `spiece_model`). See TextEncoder."""
     config = config or gemma_config()
-    tensors = source if isinstance(source, Mapping) else FileTensors(source, GEMMA_PREFIXES, "layers.0.post_feedforward_layernorm.weight")
-    if tokenizer is None:
-        tokenizer = tensors.f.get_tensor(next(k for k in SPIECE_KEYS if k in tensors.f.keys())).numpy().tobytes()
+    tensors = source if isinstance(source, dict) else file_tensors(source, GEMMA_PREFIXES, "layers.0.post_feedforward_layernorm.weight")
+    if tokenizer is None:  # the SentencePiece model the file embeds
+        from safetensors import safe_open
+        with safe_open(source, framework="pt") as f:
+            tokenizer = f.get_tensor(next(k for k in SPIECE_KEYS if k in f.keys())).numpy().tobytes()
     with torch.device("meta"):
         te = TextEncoder(config, tokenizer, max_length)
     fill(te.model, tensors, dtype, device, extra=(f"layers.{config.num_hidden_layers - 1}.", "norm."))

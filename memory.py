@@ -1,9 +1,7 @@
 """
-Memory and speed transforms for the Next-DiT, applied from outside the model once it is loaded (and once
-its LoRA is injected, or merged for sampling): fp8 base weights, gradient checkpointing, regional
-torch.compile, and block swap (the frozen weights of the last n layers wait in CPU RAM and are streamed to
-the device just before each of those layers runs, forward and backward). None of them renames a module or
-a state_dict key. `prepare` applies them in the one order in which they compose.
+Memory and speed transforms for the Next-DiT, applied from outside the loaded model (its LoRA injected, or merged for
+sampling): fp8 base weights, gradient checkpointing, regional torch.compile and block swap. None renames a module or a
+state_dict key; `prepare` applies them in the one order that composes.
 
 References (read, not copied): kohya-ss/sd-scripts and musubi-tuner (`--blocks_to_swap`, `--fp8_base`, the
 host-to-device-only offloader for LoRA training), torchtitan (checkpointing, then compile, per block),
@@ -32,8 +30,7 @@ def blocks(model):
 
 
 def enable_checkpointing(model):
-    """Recompute each block's activations in backward (non-reentrant), set from outside the model:
-    the block's forward is wrapped in place, so module names and state_dict keys do not change."""
+    """Recompute each block's activations in backward (non-reentrant); forward wrapped in place, so state_dict keys stay."""
     from torch.utils.checkpoint import checkpoint
     for block in blocks(model):
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
@@ -45,12 +42,12 @@ def enable_checkpointing(model):
 FP8 = torch.float8_e4m3fn  # 3 mantissa bits: each weight within 1/16 of itself; range +-448
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = torch.finfo(FP8).max
+SCALED_MM = False  # set by use_scaled_mm(): bf16 forwards through an fp8 base run one fp8 GEMM (torch._scaled_mm)
 
 
 def fp8_scale(w, granularity="row"):
-    """w (out, in) -> fp32 scale, (out, 1) per output row or () per tensor: the power of two that brings
-    max|w| to at most 448. A power of two makes the dequantisation w8 * scale exact in any float dtype,
-    and costs no precision against max|w| / 448: e4m3's relative step is the same in every binade."""
+    """w (out, in) -> fp32 scale, (out, 1) per row or () per tensor: the power of two bringing max|w| to at most 448, so
+    w8 * scale is exact in any float dtype, at no precision cost (e4m3's relative step is equal in every binade)."""
     if granularity not in ("row", "tensor"):
         raise ValueError(f"granularity must be 'row' or 'tensor', got {granularity!r}")
     amax = w.detach().abs().amax(dim=1, keepdim=True) if granularity == "row" else w.detach().abs().amax()
@@ -67,15 +64,9 @@ def dequantize(w8, scale, dtype):
     return w8.to(dtype) * scale.to(dtype)  # exact: fp8 -> bf16/fp32 is exact and the scale a power of two
 
 
-SCALED_MM = False  # set by use_scaled_mm(): bf16 forwards through an fp8 base run one fp8 GEMM (torch._scaled_mm)
-
-
 def use_scaled_mm(on, device):
-    """fp8_scaled_mm (musubi-tuner's --fp8_fast): the forward of an fp8 base Linear quantises its bf16 input
-    per row too and runs torch._scaled_mm, an fp8 x fp8 GEMM with fp32 accumulation that applies both row
-    scales in its epilogue (twice the bf16 tensor-core rate on sm89/sm90). The price is the input's rounding
-    to 3 mantissa bits, measured in test_memory.py. Checked once at start-up: CUDA needs compute capability 8.9
-    (Ada, Hopper) or newer; the CPU runs torch's reference kernel, which is how the tests prove the glue."""
+    """fp8_scaled_mm (musubi-tuner's --fp8_fast): twice the bf16 tensor-core rate on sm89/sm90, for the input's rounding to 3
+    mantissa bits (test_memory.py). CUDA needs compute capability 8.9+; the CPU runs torch's reference kernel, for the tests."""
     global SCALED_MM
     dev = torch.device(device)
     if on and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
@@ -86,8 +77,8 @@ def use_scaled_mm(on, device):
 
 
 def scaled_mm(x, w8, scale, bias):
-    """x (..., K) bf16, w8 (N, K) fp8 with scale (N, 1) or () -> (..., N) bf16 through one fp8 GEMM. The input
-    gets a per-row scale amax/448 (any float: it is applied in fp32 after the GEMM, never to the fp8 values)."""
+    """x (..., K) bf16, w8 (N, K) fp8, scale (N, 1) or () -> (..., N) bf16: x quantised per row, one fp8 GEMM (fp32 accumulation,
+    both row scales in its epilogue). x's scale amax/448 may be any float: it is applied in fp32, never to fp8 values."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # (M, 1)
     x8 = (x2.float() / x_scale).to(FP8)
@@ -103,11 +94,8 @@ def scaled_mm_fits(x, w8):
 
 
 class Fp8Matmul(torch.autograd.Function):
-    """x @ (w8 * scale)^T + b for a frozen fp8 weight. The dequantised weight exists only inside forward
-    and inside backward: backward dequantises again from the saved fp8 bytes. Left to autograd, F.linear
-    would save the dequantised copy until backward, and fp8 would save nothing in training. With
-    SCALED_MM the forward is one fp8 GEMM instead (scaled_mm); backward is the same either way."""
-
+    """x @ (w8 * scale)^T + b for a frozen fp8 weight, dequantised only inside forward and again (from the saved fp8 bytes)
+    in backward: left to autograd, F.linear would keep the dequantised copy and fp8 save nothing. With SCALED_MM: one fp8 GEMM."""
     @staticmethod
     def forward(ctx, x, w8, scale, bias):
         ctx.save_for_backward(w8, scale)
@@ -123,16 +111,14 @@ class Fp8Matmul(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None, scale=None):
-    """F.linear, or the fp8 matmul when `weight` is fp8 (then `scale` is its scale_weight). LoRALinear
-    computes its base output here, so a LoRA trains on an fp8 base unchanged."""
+    """F.linear, or the fp8 matmul for an fp8 `weight` (`scale`: its scale_weight); via LoRALinear, a LoRA trains on fp8 too."""
     if weight.dtype in FP8_DTYPES:
         return Fp8Matmul.apply(x, weight, scale, bias)
     return F.linear(x, weight, bias)
 
 
 def set_fp8_weight(module, granularity="row"):
-    """Replace module.weight (frozen, (out, in)) by its fp8 form under the same name, and register the
-    scale as the buffer `scale_weight` (ComfyUI's name for it): W = weight * scale_weight."""
+    """Replace the frozen module.weight (out, in) by its fp8 form under the same name, plus its scale as `scale_weight`."""
     if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
         raise ValueError("fp8 base weights are frozen storage (LoRA training or sampling); this Linear is "
                          "trainable, as in train_mode='full'. Use fp8=False to train the weights themselves.")
@@ -142,9 +128,7 @@ def set_fp8_weight(module, granularity="row"):
 
 
 class Fp8Linear(nn.Linear):
-    """A frozen nn.Linear with an fp8 weight: `weight` float8_e4m3fn (out, in) under the original key,
-    `scale_weight` fp32 (out, 1) or (). Still an nn.Linear, so lora.inject finds it."""
-
+    """A frozen nn.Linear with an fp8 `weight` (out, in) and `scale_weight` fp32 (out, 1) or (): lora.inject still finds it."""
     def __init__(self, base, granularity="row"):
         super().__init__(base.in_features, base.out_features, bias=False, device="meta")
         self.weight, self.bias = base.weight, base.bias
@@ -155,17 +139,13 @@ class Fp8Linear(nn.Linear):
 
 
 def adapter_tensors(module):
-    """ids of the tensors an adapter inside `module` trains: a LoRA module (lora.LoRALinear, or a variant) lists
-    them in its trained(). They stay as they are: in fp32 and resident on the device."""
+    """ids of the tensors the adapters inside `module` train (a LoRA module lists them in trained()); they stay fp32, resident."""
     return {id(p) for m in module.modules() if callable(getattr(m, "trained", None)) for p in m.trained().values()}
 
 
 def quantize_fp8(model, granularity="row"):
-    """Store every frozen Linear weight inside the transformer blocks (the 30 blocks of the 2B: attention,
-    FFN and adaLN modulation, 99.6% of its weights), a LoRALinear's base weight included, as fp8 with a
-    per-row (default) or per-tensor scale. The embedders and the final layer stay in their dtype: they are
-    0.4% of the weights and sit where nothing averages the error, at the model's input and output, as
-    sd-scripts keeps them. A LoRA's own pair (fp32) is never quantised. Returns the number quantised."""
+    """Store every frozen Linear weight in the blocks (99.6% of the 2B's, LoRA bases too) as fp8, scaled per row (default) or
+    per tensor; returns the count. Embedders and final layer keep their dtype (sd-scripts too): nothing averages their error."""
     count = 0
     for block in blocks(model):
         own = adapter_tensors(block)
@@ -188,13 +168,8 @@ def quantize_fp8(model, granularity="row"):
 
 
 def compile_blocks(model, dynamic=True, backend="inductor"):
-    """torch.compile each block's forward, from outside (module tree and state_dict keys unchanged). The
-    blocks of one kind share their graphs, so the 30 blocks of the 2B compile 3 graphs (context refiner,
-    noise refiner, main layers), times the mask / no-mask variants. dynamic=True compiles the sequence
-    length as a symbol: captions (and aspect buckets) change it every batch, and a graph per length would
-    be a recompile storm that ends in eager fallback at dynamo's cache limit of 8. Apply it after
-    enable_checkpointing (the checkpoint becomes part of the compiled region) and before swap_blocks
-    (the swap's bookkeeping must stay outside it)."""
+    """torch.compile each block's forward from outside. dynamic=True: captions and aspect buckets change the sequence length
+    every batch, and a graph per length would be a recompile storm ending in eager fallback at dynamo's cache limit of 8."""
     for block in blocks(model):
         block.forward = torch.compile(block.forward, dynamic=dynamic, backend=backend)
 
@@ -205,11 +180,11 @@ def compile_blocks(model, dynamic=True, backend="inductor"):
 SWAP_FULL = ("blocks_to_swap needs a frozen base (LoRA training or sampling), but {} is trainable: with "
              "train_mode='full' the swapped blocks' gradients and optimizer step would have to live in CPU RAM "
              "as well, which this block swap does not do. Use blocks_to_swap=0 for full fine-tuning.")
+LOG_LIMIT = 4096  # events a BlockSwap keeps in its log and ran_with: unbounded, they would grow ~6 per swapped layer per step
 
 
 class OnBackward(torch.autograd.Function):
     """Identity in forward; calls fn() when backward reaches this point, before the gradients flow on."""
-
     @staticmethod
     def forward(ctx, fn, *xs):
         ctx.fn = fn
@@ -223,8 +198,7 @@ class OnBackward(torch.autograd.Function):
 
 
 def on_backward(fn, args, kwargs):
-    """(args, kwargs) with every tensor that needs a gradient passed through one OnBackward(fn) node, so
-    fn runs once all of them have their gradients: after the whole block's backward."""
+    """(args, kwargs), each tensor needing a gradient passed through one OnBackward(fn): fn runs after the block's backward."""
     args, kwargs = list(args), dict(kwargs)
     where = [(args, i) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
     where += [(kwargs, k) for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
@@ -236,8 +210,7 @@ def on_backward(fn, args, kwargs):
 
 
 def swapped_tensors(block, prefix=""):
-    """[(name, tensor)]: the frozen parameters and buffers of a block, all but what its adapters train. `prefix`
-    (the block's own path) only names a trainable tensor in the error."""
+    """[(name, tensor)]: a block's frozen parameters and buffers, all but what its adapters train; `prefix` is for the error."""
     out, own = [], adapter_tensors(block)
     for name, p in block.named_parameters():
         if id(p) in own:
@@ -248,28 +221,15 @@ def swapped_tensors(block, prefix=""):
     return out + list(block.named_buffers())
 
 
-LOG_LIMIT = 4096  # events a BlockSwap keeps in its log and ran_with
-
-
 class BlockSwap:
-    """n blocks whose frozen tensors live in CPU RAM (pinned for CUDA) and rotate through a fixed set of
-    device slots: block j always runs in slot j % n_slots. At setup every swapped tensor's .data is pointed
-    at its slot's tensor for good; making block j resident is then one copy of its CPU tensors into the
-    slot. Autograd saves a weight (a leaf) by reference and reads it when backward runs, so re-making a
-    block resident before its backward (and before its checkpoint recompute, which calls the block's
-    function again without any module hook) gives exact gradients. Two autograd nodes do that: one on the
-    block's output (backward enters the block: make it resident, prefetch the block before it) and one on
-    its inputs (backward leaves the block: check, and release the slot).
-
-    On CUDA the copies run on a side stream: the compute stream waits for a slot's copy before using it,
-    and a copy into a slot waits until the kernels that last read the slot are done. On the CPU the same
-    calls run synchronously, which is what the tests exercise.
-
-    Instrumentation: `log` holds (event, layer, slot) for every copy, forward and backward; `ran_with` holds
-    (phase, layer, layer whose weights its slot held); both keep the last LOG_LIMIT events only (a long run
-    would otherwise grow them by about 6 tuples per swapped layer per step, forever). A block that would run
-    with another block's weights raises a RuntimeError, always. Device memory: the unswapped layers plus n_slots blocks, whatever n."""
-
+    """n blocks whose frozen tensors live in CPU RAM (pinned for CUDA) and rotate through n_slots device slots (device memory:
+    the unswapped layers plus n_slots blocks, whatever n): block j's tensors point at slot j % n_slots for good, so making
+    it resident is one copy. Autograd saves a weight (a leaf) by reference and reads it in backward, so re-making a block
+    resident before its backward (and its checkpoint recompute, which calls the block's function without a module hook)
+    gives exact gradients: a node on its output makes it resident and prefetches the block before; one on its inputs checks
+    and releases the slot. On CUDA the copies run on a side stream: compute waits for a slot's copy, and a copy into a slot
+    waits for the kernels that last read it; on the CPU all is synchronous. A block run with another block's weights always
+    raises a RuntimeError. `log` holds (event, layer, slot), `ran_with` (phase, layer, layer whose weights its slot held)."""
     def __init__(self, blocks, first_layer, device, n_slots=2):
         self.blocks, self.first, self.device = list(blocks), first_layer, torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -342,8 +302,7 @@ class BlockSwap:
         self.prefetch(j - 1)  # backward runs the layers in reverse
 
     def forward(self, j, inner, *args, **kwargs):
-        """The swapped block j's forward: residency around `inner` (its original, checkpointed or compiled
-        forward), and the two backward nodes when a backward will follow."""
+        """Block j's forward: residency around `inner` (original, checkpointed or compiled forward), and the backward nodes."""
         grad = torch.is_grad_enabled()
         if grad:
             args, kwargs = on_backward(partial(self.ran, j, "backward"), args, kwargs)
@@ -365,10 +324,8 @@ class BlockSwap:
 
 
 def swap_blocks(model, n, device, n_slots=2):
-    """Keep the frozen weights of the last n of model.layers in CPU RAM and stream them to the device just
-    before they run (sd-scripts' blocks_to_swap), then place everything else on the device. Call it last:
-    after LoRA injection, quantize_fp8 (the slots then hold fp8 bytes, half the transfer), checkpointing and
-    compile_blocks. Do not move the model afterwards. Returns the BlockSwap (also at model.block_swap)."""
+    """Keep the last n layers' frozen weights in CPU RAM (sd-scripts' blocks_to_swap), place the rest; call it last (see
+    prepare), never move the model after. Returns the BlockSwap, also at model.block_swap."""
     layers = list(model.layers)
     if not 0 < n <= len(layers):
         raise ValueError(f"blocks_to_swap must be between 1 and the model's {len(layers)} layers, got {n}")
@@ -385,8 +342,7 @@ def swap_blocks(model, n, device, n_slots=2):
 
 
 def combination_problems(train_mode="lora", fp8=False, fp8_scaled_mm=False, blocks_to_swap=0, fsdp=False, n_layers=None):
-    """What cannot work together, as messages: train.py lists them with its other config errors, and prepare()
-    (sample.py, bench.py) refuses the first, before anything loads."""
+    """What cannot work together, as messages: train.py lists them with its config errors, prepare() refuses the first."""
     bad = [(fp8_scaled_mm and not fp8, "fp8_scaled_mm runs the matmuls of an fp8 base: it needs fp8_base=True"),
            (n_layers is not None and not 0 <= blocks_to_swap <= n_layers,
             f"blocks_to_swap must be between 0 and the model's {n_layers} layers, got {blocks_to_swap}"),
@@ -415,12 +371,10 @@ def peak_memory_gb(device):
 
 
 def prepare(model, device, *, fp8=False, fp8_scaled_mm=False, checkpointing=False, compile=False, blocks_to_swap=0):
-    """The model as loaded on the CPU, its LoRA injected (training) or merged (sampling) by the caller ->
-    the model on `device`, transformed in the one order that composes:
-      1. fp8 first: the LoRA merge needed the bf16 weights, and the swap must size its slots and copies in fp8;
+    """The model as loaded on the CPU, its LoRA injected or merged by the caller -> on `device`, in the one order that composes:
+      1. fp8 first: the LoRA merge needed the bf16 weights, and the swap's slots and copies are then fp8 (half the bytes);
       2. checkpointing, then compile: the checkpoint is inside the compiled region, which is the block body;
-      3. block swap last: it owns placement, and its residency bookkeeping must wrap the compiled region,
-         not be traced into it.
+      3. block swap last: it owns placement, and its bookkeeping must wrap the compiled region, not be traced into it.
     DDP and the optimizer come after, in train.py. Returns the model."""
     check_combination(fp8=fp8, fp8_scaled_mm=fp8_scaled_mm, blocks_to_swap=blocks_to_swap, n_layers=len(model.layers))
     use_scaled_mm(fp8_scaled_mm, device)

@@ -1,7 +1,6 @@
 """
-The optimizer step of train.py: torch's AdamW or Adafactor always on fp32 tensors, a bf16 weight stepped through
-an fp32 copy and written back by stochastic rounding (or through a kept fp32 master copy), gradient clipping,
-the step fused into backward (each tensor stepped the moment its gradient is complete), and the EMA.
+The optimizer step of train.py: torch's AdamW or Adafactor always on fp32 tensors (a bf16 weight stepped through an fp32
+copy and stochastically rounded back), gradient clipping, the step fused into backward, and the EMA.
 
 References (read, not copied): Revisiting BFloat16 Training (Zamirai et al. 2020) and Gupta et al. 2015 on
 stochastic rounding; sd-scripts' fused_backward_pass and its Adafactor recipe; torch.optim's docs.
@@ -16,7 +15,7 @@ from torch.distributed.tensor import DTensor
 
 OPTIMIZERS = {"AdamW": torch.optim.AdamW,  # fp32 states: 8 bytes a trained weight
               "Adafactor": torch.optim.Adafactor}  # factored second moment, no first moment; lr caps a step relative to each weight's RMS
-BF16_UPDATES = {"stochastic": False,  # keeps a master copy? No: the fp32 copy exists for one step, rounded back stochastically
+BF16_UPDATES = {"stochastic": False,  # no master copy: an fp32 copy exists for one step, rounded back stochastically
                 "master": True}  # a persistent fp32 master copy (+4 bytes a parameter), rounded back to nearest
 
 
@@ -34,23 +33,14 @@ def stochastic_round_(dst, src, generator):
 
 
 class Optimizer:
-    """torch.optim.AdamW or Adafactor over groups of tensors that can be stepped one group at a time: all
-    LoRA tensors form one group; in full mode each tensor is its own group, so it can be stepped inside
-    backward (fused_backward_pass) and its gradient freed at once.
-
-    The torch optimizer only ever sees fp32 tensors. An fp32 weight is stepped in place. A bf16 weight is
-    stepped through an fp32 work tensor and written back, by `bf16_update`: "stochastic" fills the work
-    tensor from the weight for the length of its step only (no memory kept) and rounds back stochastically;
-    "master" keeps the work tensor as a persistent fp32 master weight and rounds back to nearest."""
-
+    """AdamW or Adafactor over groups stepped one at a time (all LoRA tensors one group; in full mode one per tensor, stepped
+    inside backward), seeing only fp32: a bf16 weight is stepped through an fp32 work tensor, written back per `bf16_update`."""
     def __init__(self, groups, kind, lr, weight_decay, bf16_update, seed, zero_grads_in_place=False):
-        self.groups, self.master, self.seed = groups, BF16_UPDATES[bf16_update], seed
-        # DDP with gradient_as_bucket_view: a gradient is a view of the all-reduce bucket. Zeroed in place it stays
-        # that view; set to None, the reducer would allocate a fresh one next step and copy it into the bucket.
+        self.groups, self.master, self.seed, self.lr = groups, BF16_UPDATES[bf16_update], seed, lr
+        # DDP's gradient_as_bucket_view: zeroed in place, a gradient stays a view of its bucket (None: a new one, then a copy)
         self.zero_grads_in_place = zero_grads_in_place
         self.work = [[self.work_tensor(local(p)) for p in g] for g in groups]
         self.opts = [OPTIMIZERS[kind](w, lr=lr, weight_decay=weight_decay) for w in self.work]
-        self.lr = lr
         self.generator = torch.Generator(local(groups[0][0]).device).manual_seed(seed)  # the rounding noise
 
     def work_tensor(self, p):
@@ -58,28 +48,28 @@ class Optimizer:
             return p.detach()  # the weight itself
         return p.detach().float() if self.master else torch.empty(0, device=p.device)
 
+    @torch.no_grad()
     def step(self, i):
         """Step group i with the gradients its tensors hold, then free those gradients."""
-        with torch.no_grad():
-            for p, w in zip(self.groups[i], self.work[i]):
-                if local(p).dtype != torch.float32 and not self.master:
-                    w.data = local(p).float()  # the fp32 copy exists for this step only
-                w.grad = local(p.grad).float()
-            for group in self.opts[i].param_groups:
-                group["lr"] = self.lr
-            self.opts[i].step()
-            for p, w in zip(self.groups[i], self.work[i]):
-                if local(p).dtype != torch.float32:
-                    if self.master:
-                        local(p).copy_(w)  # round to nearest
-                    else:
-                        stochastic_round_(local(p), w, self.generator)
-                        w.data = torch.empty(0, device=w.device)
-                w.grad = None
-                if self.zero_grads_in_place:
-                    p.grad.zero_()
+        for p, w in zip(self.groups[i], self.work[i]):
+            if local(p).dtype != torch.float32 and not self.master:
+                w.data = local(p).float()  # the fp32 copy exists for this step only
+            w.grad = local(p.grad).float()
+        for group in self.opts[i].param_groups:
+            group["lr"] = self.lr
+        self.opts[i].step()
+        for p, w in zip(self.groups[i], self.work[i]):
+            if local(p).dtype != torch.float32:
+                if self.master:
+                    local(p).copy_(w)  # round to nearest
                 else:
-                    p.grad = None
+                    stochastic_round_(local(p), w, self.generator)
+                    w.data = torch.empty(0, device=w.device)
+            w.grad = None
+            if self.zero_grads_in_place:
+                p.grad.zero_()
+            else:
+                p.grad = None
 
     def state_dict(self):
         return {"opts": [o.state_dict() for o in self.opts], "generator": self.generator.get_state(),
@@ -99,12 +89,9 @@ class Optimizer:
 
 
 class EMA:
-    """Exponential moving average of the trained tensors, kept in fp32 (a bf16 EMA would drop the
-    (1 - decay) x update it adds each step): every `every` optimizer steps, ema <- d^k ema + (1 - d^k) w with
-    k = every, so the average spans the same number of steps whatever k is. A CPU EMA of a CUDA model reads
-    the weights through pinned buffers on a side stream; k > 1 spreads that copy (5 GB for a full 2.6B model)
-    over k steps. `due` says whether this step updates: the fused step reads it inside backward."""
-
+    """Exponential moving average of the trained tensors in fp32 (bf16 would drop the (1 - decay) x update): every k = `every`
+    steps, ema <- d^k ema + (1 - d^k) w, spanning the same steps whatever k. A CPU EMA of a CUDA model reads through pinned
+    buffers on a side stream, k > 1 spreading that copy (5 GB for a full 2.6B model). `due` is read by the fused step."""
     def __init__(self, params, decay, device, every=1):
         self.params, self.decay, self.every, self.due = params, decay, every, every == 1
         self.shadow = [local(p).detach().to(device, torch.float32, copy=True) for p in params]
@@ -159,10 +146,8 @@ def step_after_backward(params, optimizer, max_grad_norm, ema=None):
 
 
 def fuse_steps_into_backward(params, optimizer, max_grad_norm, ema=None):
-    """Full mode, params[i] alone in optimizer group i: step each tensor from a post-accumulate-grad hook, the
-    moment backward has finished its gradient, and free that gradient, so that the whole model's gradients
-    never exist at once. Clipping is per tensor here (no global norm exists yet). Returns the list the
-    hooks append each tensor's pre-clip gradient norm to."""
+    """Full mode, params[i] alone in group i: step and free each gradient from a post-accumulate-grad hook, so the model's
+    gradients never all exist at once; clipping is per tensor (no global norm yet). Returns the list of pre-clip norms."""
     norms = []
 
     def step(p, i):

@@ -1,16 +1,11 @@
 """
-Sample images from Lumina Image 2.0: Gemma-2 captions -> Next-DiT flow ODE (Euler or midpoint, shifted
-sigma grid, CFG with the official t-threshold truncation and norm cap) -> FLUX AE -> PNGs whose text
-chunk records every setting. train.py imports sample(), decode_to_images() and save_grid() from here.
-
-References (read, not copied): Alpha-VLLM/Lumina-Image-2.0 sample.py and NextDiT.forward_with_cfg (the
-sampling rules), diffusers Lumina2Pipeline + FlowMatchEulerDiscreteScheduler (checked in test_sample.py),
-nanoGPT sample.py (the shape of this script), kohya-ss/sd-scripts (per-line prompt-file options).
+Sample images from Lumina Image 2.0: Gemma-2 captions -> Next-DiT flow ODE (Euler or midpoint, shifted sigma grid, official
+CFG truncation and norm cap) -> FLUX AE -> PNGs recording every setting. train.py imports sample, decode_to_images, save_grid.
+References (read, not copied): Lumina-Image-2.0's sample.py, forward_with_cfg (the rules); diffusers (tests); nanoGPT; sd-scripts.
 
     python sample.py config/sample_demo.py                       # tiny random weights, CPU, seconds
-    python sample.py --prompt='"a red fox in the snow"' --seeds=[1,2,3] \\
-        --dit_path=models/lumina_2_model_bf16.safetensors --gemma_path=models/gemma_2_2b_fp16.safetensors \\
-        --ae_path=models/ae.safetensors --offload=model
+    python sample.py --prompt='"a red fox in the snow"' --seeds=[1,2,3] --offload=model --ae_path=models/ae.safetensors \\
+        --dit_path=models/lumina_2_model_bf16.safetensors --gemma_path=models/gemma_2_2b_fp16.safetensors
     python sample.py --prompt_file=prompts.txt --grid=True       # lines like: a cat --w 768 --h 1280 --d 7 --l 5 --n blurry
 """
 import json
@@ -30,27 +25,32 @@ from tqdm import tqdm
 import lumina2
 import memory
 import weightfiles
-from configurator import choice_problems, configure
+from configurator import configure, problems
 from files import atomic_write
 
 # -----------------------------------------------------------------------------
+# what to draw
 prompt = "a red fox sitting in fresh snow, golden hour"  # used when prompt_file is empty
 prompt_file = ""  # one prompt per line ('#' comments); per-line options --w --h --s --d --l --n as in sd-scripts
 negative_prompt = ""  # the unconditional caption of CFG
 system_prompt = lumina2.SYSTEM_PROMPTS["base"]  # "" = the bare caption
 negative_system_prompt = ""  # negatives get no system prompt unless asked (SPEC §3)
+seeds = [0]  # one image per seed and prompt; a config file may say list(range(8))
+
+# the sampler
 width = 1024  # pixels, a multiple of 16
 height = 1024
 steps = 30  # sigma intervals; midpoint evaluates the model twice per interval
 cfg = 4.0  # guidance scale w: v = v_u + w (v_c - v_u); 1.0 = no unconditional pass
 cfg_trunc = 1.0  # CFG only while t = 1 - sigma < cfg_trunc (official rule); 1.0 = always on
 renorm = 1.0  # cap ||v|| at renorm * ||v_c|| per sample (official renorm_cfg); 0 = off
-solver = "euler"  # "euler" | "midpoint"
+solver = "euler"  # the ODE step (SOLVERS)
 shift = 6.0  # static time shift of the sigma grid
-seeds = [0]  # one image per seed and prompt; a config file may say list(range(8))
 batch_size = 1  # images per DiT batch (a batch holds one prompt); the result does not depend on it
-dtype = "bfloat16"  # weights: "bfloat16" | "float16" | "float32"; x, sigma and CFG math stay fp32
-attention = "sdpa"  # "sdpa" | "flash" | "sage" | "math" (lumina2.set_attention; sd-scripts --use_flash_attn / --use_sage_attn)
+
+# the models, and where they run
+dtype = "bfloat16"  # the weights' dtype; x, sigma and the CFG maths stay fp32
+attention = "sdpa"  # lumina2.set_attention; sd-scripts --use_flash_attn / --use_sage_attn
 device = "cuda" if torch.cuda.is_available() else "cpu"
 offload = "none"  # "none": all on device; "model": models wait in CPU RAM, each on the device only while used
 blocks_to_swap = 0  # --blocks_to_swap (sd-scripts): the last n DiT layers wait in CPU RAM, streamed in per step
@@ -62,9 +62,11 @@ gemma_path = "models/gemma_2_2b_fp16.safetensors"
 ae_path = "models/ae.safetensors"
 demo = False  # True: write (once) and use tiny random weights in out/demo/weights instead of the three paths
 lora_weights = []  # ["path.safetensors;0.8", ...], merged into the DiT before sampling
+max_length = 256  # caption token limit (longer captions are truncated with a warning)
+
+# output
 out_dir = "out/samples"
 grid = False  # also save one contact sheet of all images
-max_length = 256  # caption token limit (longer captions are truncated with a warning)
 # -----------------------------------------------------------------------------
 
 DEMO_DIR = "out/demo/weights"
@@ -73,39 +75,33 @@ LINE_OPTIONS = {"w": ("width", int), "h": ("height", int), "s": ("steps", int), 
 
 
 def sigma_schedule(steps, shift=6.0):
-    """-> (steps + 1,) fp32 sigmas from 1 to 0: S_shift(linspace(1, 0, steps + 1)), S_k(u) = k u / (1 + (k - 1) u).
-    Equals diffusers' FlowMatchEulerDiscreteScheduler(shift) grid and the official shifted t grid (as 1 - t)."""
+    """-> (steps + 1,) fp32 sigmas 1 to 0, S_shift(linspace(1, 0, steps + 1)), S_k(u) = k u / (1 + (k - 1) u), as diffusers."""
     u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     return (shift * u / (1 + (shift - 1) * u)).float()
 
 
 def seeded_noise(seeds, height, width, channels=16):
-    """-> (len(seeds), 16, H/8, W/8) fp32 on the CPU, one CPU generator per seed, so an image depends on its
-    seed alone, not on the batch it lands in or the device."""
+    """-> (len(seeds), 16, H/8, W/8) fp32 on the CPU, a CPU generator per seed: an image depends on its seed alone."""
     return torch.cat([torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(s))
                       for s in seeds])
 
 
 def stack_captions(a, b):
-    """Two captions (feats (B, La, D), mask (B, La)) -> one batch (2B, max(La, Lb), ...), right-padded
-    with zeros / False; the DiT is invariant to right padding."""
+    """Two captions (feats (B, La, D), mask (B, La)) -> one batch (2B, max(La, Lb), ...), right-padded: the DiT ignores that."""
     L = max(a[0].shape[1], b[0].shape[1])
-    feats = torch.cat([F.pad(f, (0, 0, 0, L - f.shape[1])) for f in (a[0], b[0])])
-    mask = torch.cat([F.pad(m.bool(), (0, L - m.shape[1]), value=False) for m in (a[1], b[1])])
-    return feats, mask
+    return (torch.cat([F.pad(f, (0, 0, 0, L - f.shape[1])) for f in (a[0], b[0])]),
+            torch.cat([F.pad(m.bool(), (0, L - m.shape[1]), value=False) for m in (a[1], b[1])]))
 
 
 @torch.no_grad()
 def cfg_velocity(model, x, sigma, cond, uncond, cfg=4.0, cfg_trunc=1.0, renorm=1.0, both=None):
-    """x (B, 16, h, w) fp32 at noise level sigma (a float or 0-dim tensor); cond/uncond = (feats (B, L, D), mask (B, L)),
-    uncond None for no CFG -> guided velocity (B, 16, h, w) fp32. cond and uncond run as one batch of 2B:
-    `both` = stack_captions(cond, uncond), which sample() builds once for all steps."""
+    """x (B, 16, h, w) fp32 at sigma (float or 0-dim), cond/uncond (None: no CFG) = (feats (B, L, D), mask (B, L)) -> v like x."""
     t = 1 - torch.as_tensor(sigma, dtype=torch.float32)  # Lumina time: 0 = noise, 1 = clean
     guided = uncond is not None and cfg != 1.0 and float(t) < cfg_trunc
     t = t.to(x.device).expand(x.shape[0])
     if not guided:  # no CFG, or truncated (the late, nearly clean steps): no unconditional pass at all
         return model(x, t, *cond)
-    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), *(both or stack_captions(cond, uncond))).chunk(2)
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), *(both or stack_captions(cond, uncond))).chunk(2)  # one 2B batch
     v = v_u + cfg * (v_c - v_u)
     if renorm > 0:  # norms over each whole sample (C, H, W); this only ever scales down
         cap = renorm * torch.linalg.vector_norm(v_c, dim=(1, 2, 3), keepdim=True)
@@ -132,12 +128,10 @@ CHOICES = {"solver": SOLVERS, "dtype": DTYPES, "offload": OFFLOADS, "attention":
 
 @torch.no_grad()
 def sample(model, noise, cond, uncond=None, steps=30, cfg=4.0, cfg_trunc=1.0, renorm=1.0, solver="euler", shift=6.0, progress=True):
-    """Integrate the flow ODE from sigma = 1 (noise (B, 16, h, w)) to 0 -> latents (B, 16, h, w) fp32.
-    cond/uncond: (feats (1 or B, L, D), mask (1 or B, L)); a batch of 1 is shared by all B samples."""
+    """The flow ODE from sigma = 1 (noise (B, 16, h, w)) to 0 -> latents (B, 16, h, w) fp32; cond/uncond: batch 1 or B."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
-    B = noise.shape[0]
-    widen = lambda c: None if c is None else tuple(z.expand(B, *z.shape[1:]) for z in c)
+    widen = lambda c: None if c is None else tuple(z.expand(noise.shape[0], *z.shape[1:]) for z in c)
     cond, uncond = widen(cond), widen(uncond)
     both = stack_captions(cond, uncond) if uncond is not None and cfg != 1.0 else None
     velocity = lambda x, s: cfg_velocity(model, x, s, cond, uncond, cfg, cfg_trunc, renorm, both)
@@ -167,9 +161,8 @@ def save_png(img, path, info):
 def save_grid(images, path, info=None):
     """A near-square contact sheet; every cell has the size of the largest image, top-left aligned."""
     cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
     w, h = max(im.width for im in images), max(im.height for im in images)
-    sheet = Image.new("RGB", (cols * w, rows * h))
+    sheet = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
     for i, im in enumerate(images):
         sheet.paste(im, ((i % cols) * w, (i // cols) * h))
     save_png(sheet, path, info or {})
@@ -223,8 +216,7 @@ def read_jobs(c):
 
 
 def encode_caption(te, caption, system, device):
-    """One caption -> (feats (1, L, D), mask (1, L)) on device. The tokenizer's truncation warning is re-raised
-    naming the caption itself (its own message starts with the system prompt, identical for every caption)."""
+    """One caption -> (feats (1, L, D), mask (1, L)) on device; truncation warnings name the caption, not the system prompt."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         feats, mask = te([caption], system)
@@ -253,13 +245,11 @@ def load_models(c, dtype, home):
 
 
 def main(argv=None):
-    """Run the script with `argv` (default sys.argv[1:]) -> the written PNG paths. The module constants stay
-    untouched, so tests and train.py can call this repeatedly."""
+    """Run the script with `argv` (default sys.argv[1:]) -> the written PNG paths; module constants untouched: callable again."""
     c = SimpleNamespace(**configure(dict(globals()), argv))
     start = time.time()
-    problems = choice_problems(c, CHOICES) + ([f"batch_size={c.batch_size!r} must be >= 1"] if c.batch_size < 1 else [])
-    if problems:
-        raise SystemExit("config errors:\n  - " + "\n  - ".join(problems))
+    if bad := problems(c, CHOICES, {"batch_size": (lambda v: v >= 1, ">= 1")}):
+        raise SystemExit("config errors:\n  - " + "\n  - ".join(bad))
     jobs = read_jobs(c)
     if c.demo:
         import tinyworld
@@ -281,7 +271,8 @@ def main(argv=None):
     del te
 
     # 2. denoise: each batch is a slice of one job's seeds; latents wait on the CPU
-    dit = memory.prepare(dit, c.device, fp8=c.fp8_base, fp8_scaled_mm=c.fp8_scaled_mm, compile=c.compile, blocks_to_swap=c.blocks_to_swap)
+    dit = memory.prepare(dit, c.device, fp8=c.fp8_base, fp8_scaled_mm=c.fp8_scaled_mm, compile=c.compile,
+                         blocks_to_swap=c.blocks_to_swap)
     batches = []
     for job in jobs:
         uncond = captions[(job["negative_prompt"], c.negative_system_prompt)] if job["cfg"] != 1.0 else None
@@ -309,7 +300,6 @@ def main(argv=None):
     if c.grid and images:
         paths.append(next_free_path(c.out_dir, "grid"))
         save_grid(images, paths[-1], dict(images=[os.path.basename(p) for p in paths[:-1]]))
-
     print("\n".join(paths))
     print(f"{len(images)} images in {time.time() - start:.1f} s, peak memory {memory.peak_memory_gb(c.device):.2f} GiB "
           f"{'CUDA allocated' if torch.device(c.device).type == 'cuda' else 'process RSS'}")

@@ -18,12 +18,10 @@ from files import save_file_atomic
 
 DEMO_GEMMA = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512)
-DEMO_SENTENCES = [
-    "a red circle on a white background", "a blue square on a black background", "a green triangle in the middle",
-    "a yellow star next to a purple heart", "two orange circles and one small cyan square",
-    "You are an assistant designed to generate high-quality images based on user prompts. <Prompt Start>",
-    "digits 0123456789 and unicode: café, naïve, 東京, emoji 🙂", "  double  spaces\tand tabs  ",
-]
+DEMO_SENTENCES = ["a red circle on a white background", "a blue square on a black background", "a green triangle in the middle",
+                  "a yellow star next to a purple heart", "two orange circles and one small cyan square",
+                  "You are an assistant designed to generate high-quality images based on user prompts. <Prompt Start>",
+                  "digits 0123456789 and unicode: café, naïve, 東京, emoji 🙂", "  double  spaces\tand tabs  "]
 
 
 def train_tiny_tokenizer(vocab_size=DEMO_GEMMA["vocab_size"]):
@@ -40,9 +38,8 @@ def train_tiny_tokenizer(vocab_size=DEMO_GEMMA["vocab_size"]):
 
 
 def make_demo_weights(out_dir, seed=0):
-    """Write tiny random models as lumina_2_model_bf16.safetensors (raw keys, BF16),
-    gemma_2_2b_fp16.safetensors (`model.` prefix, F16, embedded spiece_model) and ae.safetensors (F32).
-    Returns the three paths; existing files are kept."""
+    """Write tiny random models as lumina_2_model_bf16.safetensors (raw keys, BF16), gemma_2_2b_fp16.safetensors (`model.`
+    prefix, F16, embedded spiece_model) and ae.safetensors (F32) -> the three paths; existing files are kept."""
     from transformers import Gemma2Model
     paths = {n: os.path.join(out_dir, f) for n, f in
              [("dit", "lumina_2_model_bf16.safetensors"), ("gemma", "gemma_2_2b_fp16.safetensors"), ("ae", "ae.safetensors")]}

@@ -3,13 +3,11 @@ Train a LoRA on Lumina Image 2.0 (Next-DiT 2B, Gemma-2-2B, FLUX AE), or fine-tun
 loop: the `lumina_train_network.py` / `lumina_train.py` commands of kohya-ss/sd-scripts' docs, with the same
 defaults, done by hand.
 
-Flow matching in Lumina time (SPEC §5): x_t = (1 - sigma) x0 + sigma noise, the model sees t = 1 - sigma
-and predicts v = x0 - noise; loss = fp32 MSE. Base weights in bf16, LoRA weights in fp32, casts explicit
-(no autocast). Latents and text features are cached first, then the AE and Gemma leave the GPU.
-Full fine-tuning keeps the weights in bf16 and steps each one through an fp32 copy with stochastic
-rounding (optim.py); Adafactor + fused_backward_pass fits 2.6B in one 16 GB budget. Under torchrun, DDP
-(LoRA or full) or FSDP2 (full) takes over; one process is the plain default. Beside the story: the run's
-lifecycle (checkpoint.py), the config check (checks.py), weight-file forensics (weightfiles.py).
+Flow matching in Lumina time (SPEC §5): x_t = (1 - sigma) x0 + sigma noise, the model sees t = 1 - sigma and predicts
+v = x0 - noise; loss = fp32 MSE. Base weights bf16, LoRA fp32, casts explicit (no autocast). Latents and text features
+are cached first, then the AE and Gemma leave the GPU. Full fine-tuning steps bf16 weights through fp32 copies with
+stochastic rounding (optim.py). torchrun brings DDP or FSDP2. Beside the story: the run's lifecycle (checkpoint.py),
+the config check (checks.py), weight-file forensics (weightfiles.py).
 
     python train.py config/demo.py                       # tiny random models + synthetic data, CPU, under a minute
     python train.py config/lora_1024.py --train_data_dir=my_images --output_name=my_lora
@@ -96,8 +94,7 @@ model_prediction_type = "raw"  # --model_prediction_type: the model already pred
 
 # the optimizer (optim.py)
 learning_rate = 1e-4  # --learning_rate
-optimizer_type = "AdamW"  # --optimizer_type: AdamW keeps fp32 states; Adafactor (torch.optim.Adafactor) a factored
-# second moment and no first moment, its learning_rate the cap of a step *relative* to each weight's RMS
+optimizer_type = "AdamW"  # --optimizer_type: AdamW (fp32 states) or torch's Adafactor, whose lr caps a step *relative* to a weight's RMS
 weight_decay = 0.01
 lr_scheduler = "constant"  # --lr_scheduler
 lr_warmup_steps = 0  # --lr_warmup_steps
@@ -105,8 +102,7 @@ max_train_epochs = 10  # --max_train_epochs
 max_train_steps = 0  # --max_train_steps (optimizer steps; 0 = from epochs)
 gradient_accumulation_steps = 1  # --gradient_accumulation_steps
 max_grad_norm = 1.0  # --max_grad_norm (0 = off)
-bf16_update = "stochastic"  # how a bf16 weight takes its fp32 update: rounded stochastically (no extra memory) or
-# through a kept fp32 master copy (+4 bytes a parameter); measured in tests/test_full.py
+bf16_update = "stochastic"  # a bf16 weight's fp32 update: rounded stochastically, or via an fp32 master copy (+4 bytes a parameter)
 fused_backward_pass = False  # --fused_backward_pass: full mode, one process, no accumulation: each tensor is
 # stepped the moment its gradient is complete and the gradient is freed; max_grad_norm then clips per tensor
 ema_decay = 0.0  # EMA of the trained weights (0 = off), written next to each checkpoint as ...-ema.safetensors

@@ -1,27 +1,27 @@
 """
-Weight-file forensics: what a file is, whether its tensors are the model its shapes describe, whether it is a
-known preset less some layers, whether a value is NaN or inf, and ComfyUI's scaled-fp8 layout. Each check reads
-the safetensors header alone (seconds for the 2B) and says what to do; a file that passes is then loaded
-through lumina2.py's plain loaders. train.py and sample.py load through here.
+Weight-file forensics: what a file is, whether its tensors are the model its shapes describe or a known preset less
+some layers, whether a value is NaN or inf, and ComfyUI's scaled-fp8 layout. Each check reads the header alone (seconds
+for the 2B) and says what to do; a file that passes loads through lumina2.py's plain loaders. train.py and sample.py use this.
 
-    python -c "import weights; print(weightfiles.inspect_dit('lumina_2_model_bf16.safetensors').config)"
-    python -c "import weights; te = weightfiles.load_text_encoder('gemma_2_2b_fp16.safetensors'); print(te(['a cat'])[0].shape)"
+    python -c "import weightfiles as wf; print(wf.inspect_dit('lumina_2_model_bf16.safetensors').config)"
+    python -c "import weightfiles as wf; te = wf.load_text_encoder('gemma_2_2b_fp16.safetensors'); print(te(['a cat'])[0].shape)"
 """
 import json
-import warnings
 import os
+import warnings
 from collections import Counter
-from collections.abc import Mapping
+from functools import partial
 from typing import NamedTuple
 
 import torch
 
 import lumina2
+import memory
 from files import BadInput
 
+
 def open_safetensors(path):
-    """-> (safe_open handle, metadata dict). A missing path, a folder, or a truncated or non-safetensors file
-    raises BadInput saying which."""
+    """-> (safe_open handle, metadata dict); a missing path, a folder, a truncated or non-safetensors file raise BadInput."""
     from safetensors import safe_open
     if os.path.isdir(path):
         inside = safetensors_in(path)
@@ -80,7 +80,7 @@ def find_prefix(keys, prefixes, marker, path, wanted):
 class WeightFile(NamedTuple):
     """What a safetensors header says about the model stored in it; names are without the model's prefix."""
     path: str
-    f: object  # the open safe_open handle; tensor data is read through it by CheckedTensors alone
+    f: object  # the open safe_open handle; tensor data is read through it by checked_tensors alone
     prefix: str
     shapes: dict  # name -> shape tuple
     dtypes: dict  # name -> safetensors dtype string ("BF16", "F8_E4M3", ...)
@@ -89,8 +89,7 @@ class WeightFile(NamedTuple):
 
 
 def read_header(path, prefixes, marker, wanted):
-    """Open a weight file and read its header only: the names, shapes and dtypes under the first known prefix
-    that holds `marker`."""
+    """Read a weight file's header only: the names, shapes and dtypes under the first prefix that holds `marker`."""
     f, meta = open_safetensors(path)
     keys = set(f.keys())
     prefix = find_prefix(keys, prefixes, marker, path, wanted)
@@ -99,17 +98,13 @@ def read_header(path, prefixes, marker, wanted):
                       {k: s.get_dtype() for k, s in slices.items()}, meta, describe(keys))
 
 
-# the stored dtypes the loaders cast from (fp8 is upcast exactly); integers or float64 in a weight file mean
-# a different kind of file or an edited one
+# the dtypes the loaders cast from (fp8 upcast exactly); integers or float64 mean a different kind of file or an edited one
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def fp8_scales(names, expected):
-    """ComfyUI's "scaled fp8" files: a `scaled_fp8` marker tensor (its dtype names the fp8 format), and next
-    to each quantised `<module>.weight` an fp32 `<module>.scale_weight` (W = weight * scale_weight) and
-    sometimes a `<module>.scale_input` (an activation scale for fp8 matmuls, unused once W is upcast).
-    -> {weight name: scale name}, and the names that are not model tensors but belong to that layout."""
+    """ComfyUI's "scaled fp8": a `scaled_fp8` marker; beside a quantised `<m>.weight`, an fp32 `<m>.scale_weight` and maybe
+    a `<m>.scale_input` (unused once W = weight * scale_weight is upcast) -> ({weight: scale name}, the layout's other names)."""
     scales = {n[: -len("scale_weight")] + "weight": n for n in names if n.endswith(".scale_weight")}
     scales = {w: n for w, n in scales.items() if w in expected and n not in expected}
     extra = {n for n in names if n == "scaled_fp8" or (n.endswith(".scale_input") and n not in expected)}
@@ -121,9 +116,8 @@ def listed(names, limit=5):
 
 
 def check_tensors(wf, expected, skip=()):
-    """Everything the header tells about the file's tensors, against the model's {name: shape}: every expected
-    name present and no other, each shape the model's, each dtype one that the loaders read. Raises BadInput
-    listing every problem; -> {weight name: its scale's name} for ComfyUI's scaled-fp8 weights."""
+    """The header's tensors against the model's {name: shape}: every name present and no other, the model's shapes, dtypes
+    the loaders read. Raises BadInput listing every problem; -> {weight name: scale name} of ComfyUI's scaled-fp8 weights."""
     names = set(wf.shapes) - set(skip)
     scales, fp8_extra = fp8_scales(names, expected)
     names -= fp8_extra
@@ -154,19 +148,17 @@ def descale(t, scale):
 
 
 def nonfinite_count(t):
-    """NaN/inf values in a tensor as stored. An fp32 sum is NaN or inf whenever any element is, so one reduction
-    (no tensor-sized mask) screens it; only a tensor that fails the screen, or whose large finite values
-    overflow the sum, is counted element by element (fp8 upcast first: isfinite has no fp8 kernel)."""
+    """NaN/inf values in a tensor as stored. One fp32 sum (NaN/inf if any element is) screens it with no tensor-sized mask;
+    only a tensor failing that (or overflowing it) is counted elementwise, fp8 upcast first (isfinite has no fp8 kernel)."""
     if torch.isfinite(t.sum(dtype=torch.float32)):
         return 0
-    return int((~torch.isfinite(t.float() if t.dtype in FP8_DTYPES else t)).sum())
+    return int((~torch.isfinite(t.float() if t.dtype in memory.FP8_DTYPES else t)).sum())
 
 
 def read_finite(wf, name):
     """One tensor's data, refused if any value is NaN or inf: such a file would train or sample garbage silently."""
     t = wf.f.get_tensor(wf.prefix + name)
-    bad = nonfinite_count(t)
-    if bad:
+    if bad := nonfinite_count(t):
         raise BadInput(f"{wf.path} has {bad:,} NaN/inf values in {name}: the file is damaged; re-download it")
     return t
 
@@ -180,22 +172,13 @@ class Checked(NamedTuple):
     tokenizer: bytes = None  # Gemma's SentencePiece model
 
 
-class CheckedTensors(Mapping):
-    """A checked file as {name: tensor} for lumina2's loaders: each tensor refused if it holds NaN/inf and, in a
-    scaled-fp8 file, multiplied by its scale in fp32 (so the loader's cast rounds once)."""
-
-    def __init__(self, checked):
-        self.c = checked
-
-    def __getitem__(self, name):
-        t = read_finite(self.c.file, name)
-        return descale(t, read_finite(self.c.file, self.c.scales[name])) if name in self.c.scales else t
-
-    def __iter__(self):
-        return iter(self.c.shapes)
-
-    def __len__(self):
-        return len(self.c.shapes)
+def checked_tensors(c):
+    """A checked file as {name: a function reading the tensor} for lumina2's loaders: NaN/inf refused, scaled-fp8
+    weights descale()d."""
+    def read(name):
+        t = read_finite(c.file, name)
+        return descale(t, read_finite(c.file, c.scales[name])) if name in c.scales else t
+    return {name: partial(read, name) for name in c.shapes}
 
 
 def shapes_of(model):
@@ -214,8 +197,7 @@ def build_on_meta(cls, config, wf):
 
 
 # -----------------------------------------------------------------------------
-# the config a file's shapes describe: each value is the majority over every tensor that witnesses it, so one
-# damaged tensor is outvoted and the shape check then blames it alone, not its intact neighbours
+# the config a file's shapes describe, each value the majority of its witnesses: one damaged tensor is outvoted and blamed alone
 
 def majority(values, default):
     """The value most witnesses agree on; `default` when none is present. A tie (two witnesses, one damaged) goes
@@ -239,8 +221,7 @@ def ending(shapes, starts, ends):
 
 
 def block_count(shapes, starts):
-    """1 + the highest block index under any of the prefixes (e.g. "layers."). A block with some or all of its
-    tensors gone in the middle still counts, so they are reported missing instead of shrinking the model."""
+    """1 + the highest block index under any of `starts`; a block gone in the middle still counts, so it is reported missing."""
     found = [int(i) for k in shapes for s in starts if k.startswith(s) and (i := k[len(s):].split(".")[0]).isdigit()]
     return max(found) + 1 if found else 0
 
@@ -294,9 +275,8 @@ def ffn_width_only(config):
 
 
 def check_dit_preset(config, path):
-    """A file that is a known preset less some of its layers is refused: a truncated or edited 2B would otherwise
-    load as a smaller model, silently. Any other config that is no preset loads with one warning that names the
-    nearest preset and how this file differs (a custom or test model is fine, a surprise is not)."""
+    """A known preset less some layers is refused (a truncated or edited 2B would silently load as a smaller model); any
+    other non-preset loads with one warning naming the nearest preset and the differences (custom is fine, a surprise not)."""
     config = ffn_width_only(config)
     presets = {name: ffn_width_only(preset) for name, preset in lumina2.DIT_PRESETS.items()}
     diffs = {name: [k for k in preset if config[k] != preset[k]] for name, preset in presets.items()}
@@ -314,13 +294,11 @@ def check_dit_preset(config, path):
 
 
 def inspect_dit(path):
-    """Every check load_dit makes before it reads tensor data, from the safetensors header alone (seconds for the
-    2B), in the order a message is most useful: what it is, its tensors, its preset -> Checked. Raises BadInput for
-    a missing, unreadable, wrong, truncated-to-fewer-layers or damaged file; warns for a config that is no preset."""
+    """load_dit's checks, from the header alone, in the order a message is most useful: what it is, its tensors, its preset
+    -> Checked. Raises BadInput for a missing, unreadable, wrong, fewer-layer or damaged file; warns for a non-preset."""
     wf = read_header(path, lumina2.DIT_PREFIXES, "cap_embedder.1.weight", "a Lumina 2 Next-DiT (lumina_2_model_bf16.safetensors)")
     config = dit_config_from_shapes(wf.shapes)
-    model = build_on_meta(lumina2.NextDiT, config, wf)
-    shapes = shapes_of(model)
+    shapes = shapes_of(build_on_meta(lumina2.NextDiT, config, wf))
     scales = check_tensors(wf, shapes)
     check_dit_preset(config, path)
     return Checked(wf, config, shapes, scales)
@@ -329,7 +307,7 @@ def inspect_dit(path):
 def load_dit(path, dtype=torch.bfloat16, device="cpu"):
     """lumina_2_model_bf16.safetensors / lumina-image-2.safetensors / an all-in-one checkpoint -> NextDiT, checked."""
     c = inspect_dit(path)
-    return lumina2.load_dit(CheckedTensors(c), c.config, dtype, device)
+    return lumina2.load_dit(checked_tensors(c), c.config, dtype, device)
 
 
 def ae_config_from_shapes(shapes):
@@ -351,27 +329,24 @@ def ae_config_from_shapes(shapes):
 
 
 def inspect_ae(path):
-    """Every check load_ae makes before it reads tensor data, from the header alone: what it is, then its tensors
-    against the model its shapes describe -> Checked. Raises BadInput."""
+    """load_ae's checks, from the header alone: what it is, then its tensors against the model they describe -> Checked."""
     wf = read_header(path, lumina2.AE_PREFIXES, "decoder.conv_in.weight", "the FLUX autoencoder (ae.safetensors)")
     config = ae_config_from_shapes(wf.shapes)
-    model = build_on_meta(lumina2.AutoEncoder, config, wf)
-    shapes = shapes_of(model)
+    shapes = shapes_of(build_on_meta(lumina2.AutoEncoder, config, wf))
     return Checked(wf, config, shapes, check_tensors(wf, shapes))
 
 
 def load_ae(path, dtype=torch.bfloat16, device="cpu"):
     """ae.safetensors (BFL layout, also under a vae. prefix) -> AutoEncoder, checked."""
     c = inspect_ae(path)
-    return lumina2.load_ae(CheckedTensors(c), c.config, dtype, device)
+    return lumina2.load_ae(checked_tensors(c), c.config, dtype, device)
 
 
 def gemma_file_keys(config):
     """name -> shape of every tensor a Gemma-2 file holds under `model.` (built on the meta device)."""
     from transformers import Gemma2Model
     with torch.device("meta"):
-        sd = Gemma2Model(lumina2.gemma_config(**config.to_dict())).state_dict()
-    return {k: tuple(v.shape) for k, v in sd.items()}
+        return shapes_of(Gemma2Model(lumina2.gemma_config(**config.to_dict())))
 
 
 def gemma_config_of(wf):
@@ -407,8 +382,7 @@ def tokenizer_proto(wf, tokenizer):
 
 
 def inspect_text_encoder(path, tokenizer=None, max_length=256):
-    """Every check load_text_encoder makes before it reads weight data, from the header and the small tokenizer
-    tensor (which must parse): what it is, its config, its tokenizer, its tensors against that config -> Checked."""
+    """load_text_encoder's checks from the header: what it is, its config, its tokenizer (must parse), its tensors -> Checked."""
     wf = read_header(path, lumina2.GEMMA_PREFIXES, "layers.0.post_feedforward_layernorm.weight", "the Gemma-2 text encoder (gemma_2_2b_fp16.safetensors)")
     config = gemma_config_of(wf)
     proto = tokenizer_proto(wf, tokenizer)
@@ -417,9 +391,6 @@ def inspect_text_encoder(path, tokenizer=None, max_length=256):
 
 
 def load_text_encoder(path, dtype=torch.bfloat16, device="cpu", tokenizer=None, max_length=256):
-    """gemma_2_2b_fp16.safetensors (or an all-in-one checkpoint) -> TextEncoder, checked. The tokenizer comes from
-    the embedded `spiece_model` tensor, or from `tokenizer` (a tokenizer.model file or a folder holding one).
-    The config is gemma-2-2b's unless the file's metadata carries `gemma2_config` (tiny test files do). The file
-    holds the last layer and final norm too (checked); they are not loaded, since the features come before them."""
+    """gemma_2_2b_fp16.safetensors (or an all-in-one checkpoint) -> TextEncoder, checked; tokenizer as in tokenizer_proto."""
     c = inspect_text_encoder(path, tokenizer, max_length)
-    return lumina2.load_text_encoder(CheckedTensors(c), c.config, dtype, device, tokenizer=c.tokenizer, max_length=max_length)
+    return lumina2.load_text_encoder(checked_tensors(c), c.config, dtype, device, tokenizer=c.tokenizer, max_length=max_length)
