@@ -4,7 +4,7 @@ batches. A dataset is a folder (searched recursively) of .jpg/.jpeg/.png/.webp i
 the subsets of an sd-scripts dataset config (dataset_toml.py). The AE and text encoder run once, up front (cache_latents,
 cache_text), so both can be freed for training; disk caches are keyed by a fingerprint of all that produced them.
 
-    python -c "import data; ds = data.Dataset('out/demo/demo_images', resolution=64); print(len(ds), set(ds.buckets))"
+    python -c "import data; ds = data.Dataset('out/demo/world/images', resolution=32); print(len(ds), set(ds.buckets))"
 """
 import contextlib
 import hashlib

@@ -3,7 +3,7 @@ Sample images from Lumina Image 2.0: Gemma-2 captions -> Next-DiT flow ODE (Eule
 CFG truncation and norm cap) -> FLUX AE -> PNGs recording every setting. train.py imports sample, decode_to_images, save_grid.
 References (read, not copied): Lumina-Image-2.0's sample.py, forward_with_cfg (the rules); diffusers (tests); nanoGPT; sd-scripts.
 
-    python sample.py config/sample_demo.py                       # tiny random weights, CPU, seconds
+    python sample.py config/sample_demo.py --prompt='"a purple square on a gray background"'   # the demo's tiny world, CPU
     python sample.py --prompt='"a red fox in the snow"' --seeds=[1,2,3] --offload=model --ae_path=models/ae.safetensors \\
         --dit_path=models/lumina_2_model_bf16.safetensors --gemma_path=models/gemma_2_2b_fp16.safetensors
     python sample.py --prompt_file=prompts.txt --grid=True       # lines like: a cat --w 768 --h 1280 --d 7 --l 5 --n blurry
@@ -60,7 +60,6 @@ compile = False  # torch.compile per DiT block (musubi-tuner's --compile); the f
 dit_path = "models/lumina_2_model_bf16.safetensors"
 gemma_path = "models/gemma_2_2b_fp16.safetensors"
 ae_path = "models/ae.safetensors"
-demo = False  # True: write (once) and use tiny random weights in out/demo/weights instead of the three paths
 lora_weights = []  # ["path.safetensors;0.8", ...], merged into the DiT before sampling
 max_length = 256  # caption token limit (longer captions are truncated with a warning)
 
@@ -69,7 +68,6 @@ out_dir = "out/samples"
 grid = False  # also save one contact sheet of all images
 # -----------------------------------------------------------------------------
 
-DEMO_DIR = "out/demo/weights"
 LINE_OPTIONS = {"w": ("width", int), "h": ("height", int), "s": ("steps", int), "l": ("cfg", float),
                 "n": ("negative_prompt", str), "d": ("seeds", lambda s: [int(x) for x in s.split(",")])}
 
@@ -231,7 +229,7 @@ def load_models(c, dtype, home):
     missing = [p for p in (c.dit_path, c.gemma_path, c.ae_path) if not os.path.exists(p)]  # a folder: the loader says so
     if missing:
         raise SystemExit(f"weight file not found: {', '.join(missing)} (set dit_path / gemma_path / ae_path, "
-                         f"or try `python sample.py config/sample_demo.py` with tiny demo weights)")
+                         f"or train the demo's tiny world first: `python train.py config/demo.py`)")
     try:
         te = weightfiles.load_text_encoder(c.gemma_path, dtype, home, max_length=c.max_length)
         dit = weightfiles.load_dit(c.dit_path, dtype, home)
@@ -251,9 +249,6 @@ def main(argv=None):
     if bad := problems(c, CHOICES, {"batch_size": (lambda v: v >= 1, ">= 1")}):
         raise SystemExit("config errors:\n  - " + "\n  - ".join(bad))
     jobs = read_jobs(c)
-    if c.demo:
-        import tinyworld
-        c.dit_path, c.gemma_path, c.ae_path = (tinyworld.make_demo_weights(DEMO_DIR)[k] for k in ("dit", "gemma", "ae"))
     try:  # every setting that can be checked before a weight file is read
         lumina2.set_attention(c.attention, DTYPES[c.dtype], c.device)
         memory.check_combination(fp8=c.fp8_base, fp8_scaled_mm=c.fp8_scaled_mm, blocks_to_swap=c.blocks_to_swap)

@@ -9,10 +9,10 @@ are cached first, then the AE and Gemma leave the GPU. Full fine-tuning steps bf
 stochastic rounding (optim.py). torchrun brings DDP or FSDP2. Beside the story: the run's lifecycle (checkpoint.py),
 the config check (checks.py), weight-file forensics (weightfiles.py).
 
-    python train.py config/demo.py                       # tiny random models + synthetic data, CPU, under a minute
+    python train.py config/demo.py                       # the tiny world: AE, base DiT, then a LoRA; CPU, 3 minutes
     python train.py config/lora_1024.py --train_data_dir=my_images --output_name=my_lora
     python train.py config/full_1024.py --train_data_dir=my_images     # full fine-tune, Adafactor, fused backward
-    python train.py config/demo.py --resume=True          # continue from the last saved state
+    python train.py config/lora_1024.py --train_data_dir=my_images --output_name=my_lora --resume=True   # continue it
     python train.py config/lora_1024.py --dataset_config=my_lumina_dataset_config.toml --validate_every_n_steps=100
     torchrun --nproc_per_node=8 train.py config/lora_1024.py --train_data_dir=my_images   # DDP, bs 1 per GPU
     python train.py --help                                # every setting below, with its default and comment
@@ -141,7 +141,7 @@ sample_height = 1024
 sample_steps = 30
 sample_cfg = 4.0
 sample_seed = 0
-demo = False  # write tiny random weights and a synthetic dataset first (config/demo.py)
+demo = False  # build the tiny world first and train on top of it (config/demo.py: the paths above are the world's)
 # -----------------------------------------------------------------------------
 # the objective: noise levels, and the loss
 
@@ -246,10 +246,6 @@ def check_inputs(c, r):
     """Everything cheap before anything expensive, so that a bad file fails in seconds and not after the
     caching: the AE's and Gemma's headers, the DiT (its header and preset, then its values: loaded into CPU
     RAM now, so that a damaged tensor is reported before the caching too), then the dataset scan."""
-    if c.demo:
-        paths = tinyworld.make_demo_weights(os.path.join(c.output_dir, "weights"))  # the same files sample.py's demo uses
-        c.dit_path, c.gemma_path, c.ae_path = paths["dit"], paths["gemma"], paths["ae"]
-        c.train_data_dir = tinyworld.make_demo_dataset(os.path.join(c.output_dir, "demo_images"))
     weightfiles.inspect_ae(c.ae_path)
     weightfiles.inspect_text_encoder(c.gemma_path)
     r.base = weightfiles.load_dit(c.dit_path, dtype=r.dtype, device="cpu")
@@ -364,6 +360,8 @@ def train(c):
     r.fsdp = r.world > 1 and c.parallel == "fsdp"  # every rank holds a shard: saving gathers, each rank keeps its own state
     r.state_path = os.path.join(c.output_dir, f"{c.output_name}-state{f'-rank{r.rank}' if r.fsdp else ''}.pt")
     r.log_path = os.path.join(c.output_dir, f"{c.output_name}-log.jsonl")
+    if c.demo:  # the tiny world first: its pictures and AE (tinyworld.py), its base DiT trained by this script's main
+        c.dit_path, c.gemma_path, c.ae_path, c.train_data_dir = tinyworld.make_world(c.output_dir, main)
     torch.manual_seed(c.seed)
     random.seed(c.seed)
     with checkpoint.output_dir_lock(c, r):

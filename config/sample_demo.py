@@ -1,14 +1,18 @@
-# The CPU demo of sample.py: tiny random weights (written once to out/demo/weights by data.make_demo_weights,
-# because demo=True), 128x128 pixels, a few steps. The images are noise-like: the point is the pipeline.
-#   python sample.py config/sample_demo.py
-demo = True
+# Sample the tiny world after `python train.py config/demo.py`: its base DiT with the purple LoRA, on the CPU.
+#   python sample.py config/sample_demo.py --prompt='"a purple triangle on a gray background"'
+dit_path = "out/demo/base/demo_base.safetensors"
+gemma_path = "out/demo/world/weights/gemma_2_2b_fp16.safetensors"
+ae_path = "out/demo/world/ae.safetensors"
+lora_weights = ["out/demo/demo_lora.safetensors"]
 device = "cpu"
 dtype = "float32"
-width = 128
-height = 128
-steps = 8
-seeds = [0, 1, 2, 3]
-batch_size = 2
-prompt = "a red circle on a white background"
+system_prompt = ""
+width = 32
+height = 32
+steps = 20
+cfg = 2.0
+seeds = [0, 1, 2, 3, 4, 5, 6, 7]
+batch_size = 8
+prompt = "a purple circle on a white background"
 out_dir = "out/demo/samples"
 grid = True
