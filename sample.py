@@ -55,7 +55,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 offload = "none"  # "none": all on device; "model": models wait in CPU RAM, each on the device only while used
 blocks_to_swap = 0  # --blocks_to_swap (sd-scripts): the last n DiT layers wait in CPU RAM, streamed in per step
 fp8_base = False  # --fp8_base (sd-scripts): the DiT blocks' Linear weights in fp8 (per-row scale), half the bytes
-fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, the matmuls themselves in fp8 (torch._scaled_mm; sm89+)
+fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, the matmuls themselves in fp8 (torch._scaled_mm; sm89+, bf16)
 compile = False  # torch.compile per DiT block (musubi-tuner's --compile); the first steps pay the compile
 dit_path = "models/lumina_2_model_bf16.safetensors"
 gemma_path = "models/gemma_2_2b_fp16.safetensors"
@@ -257,7 +257,7 @@ def main(argv=None):
     try:  # every setting that can be checked before a weight file is read
         lumina2.set_attention(c.attention, DTYPES[c.dtype], c.device)
         memory.check_combination(fp8=c.fp8_base, fp8_scaled_mm=c.fp8_scaled_mm, blocks_to_swap=c.blocks_to_swap)
-        memory.use_scaled_mm(c.fp8_scaled_mm, c.device)
+        memory.use_scaled_mm(c.fp8_scaled_mm, c.device, DTYPES[c.dtype])  # bf16 only; row-wise fp8 GEMM on this device
     except (ValueError, ImportError) as e:
         raise SystemExit(str(e)) from None
     if c.device.startswith("cuda"):

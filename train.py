@@ -117,7 +117,7 @@ attention = "sdpa"  # lumina2.set_attention; sd-scripts --use_flash_attn; sage s
 gradient_checkpointing = True  # --gradient_checkpointing
 blocks_to_swap = 0  # --blocks_to_swap: this many of the 26 main layers wait in CPU RAM and stream to the device
 fp8_base = False  # --fp8_base: frozen base Linear weights stored as float8_e4m3fn with a scale (LoRA only)
-fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, forward matmuls in fp8 (torch._scaled_mm; sm89+)
+fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, forward matmuls in fp8 (torch._scaled_mm; sm89+, bf16)
 compile = False  # torch.compile each block (regional), dynamic sequence length
 parallel = "ddp"  # under torchrun: a full replica per GPU (LoRA or full), or FSDP2 per block (full)
 
