@@ -3,11 +3,18 @@ Parity tests: lumina2.py against independent implementations (diffusers' Lumina2
 AutoencoderKL, transformers' Gemma2Model, SentencePiece), on tiny random models written to disk in the
 real file layouts and read back through the real loaders. CPU, offline.
 
+Second, reference outputs (docs/reference-outputs.md): fixed inputs, rebuilt from a recipe and seeds, and our
+outputs for them, one safetensors file per model, for porters and to pin our own numerics across refactors; the
+random models' dump is committed under tests/testdata/reference and checked here.
+
     python -m pytest -q test_parity.py
     python test_parity.py --weights DIR     # also compare the real files in DIR against diffusers
+    python test_parity.py --dump OUT [--weights DIR] [--dtype bfloat16] [--device cuda]   # write reference outputs
+    python test_parity.py --check OUT [--weights DIR]    # the current code against them; exit 1 on failure
 
 Tolerances: fp32 comparisons use max|a-b| / max|b| <= 1e-5 (the two implementations differ only in
-summation order and RoPE table precision); bf16 results are compared to fp32 with a stated bound.
+summation order and RoPE table precision); bf16 results are compared to fp32 with a stated bound; a
+dump is checked with the bound of its dtype (TOLERANCES, measured across CPU kernels and torch versions).
 """
 import argparse
 import contextlib
@@ -700,6 +707,20 @@ def test_a_perturbed_weight_is_reported_by_name(monkeypatch, capsys):
     assert failed == {"case0.layers.0", "case0.output", "case1.layers.0", "case1.output"}
     assert "FAILED dit/case0.layers.0" in capsys.readouterr().out
     assert all(r["abs"] == 0 for r in rows if any(k in r["name"] for k in ("t_emb", "rope", "cap_embedder", "refiner")))
+
+
+def test_the_real_recipe_reads_the_three_files_by_their_names(tmp_path, capsys):
+    """--weights DIR: the real recipe on files in the real layouts (the demo's tiny ones here), through the command line."""
+    weights = os.path.dirname(tinyworld.make_demo_weights(str(tmp_path / "weights"))["dit"])
+    ref = str(tmp_path / "ref")
+    assert main(["--dump", ref, "--weights", weights, "--only", "dit,ae"]) == 0
+    assert main(["--check", ref, "--weights", weights]) == 0
+    out = capsys.readouterr().out
+    assert "dit.safetensors (34 tensors), ae.safetensors (3 tensors)" in out and out.count("rel 0.00e+00, bound 2e-05") == 2
+    with pytest.raises(SystemExit, match="made from the real weights: pass --weights DIR"):
+        main(["--check", ref])
+    with pytest.raises(SystemExit, match="none of lumina_2_model_bf16.safetensors, lumina-image-2.safetensors in"):
+        main(["--check", ref, "--weights", str(tmp_path), "--only", "dit"])
 
 
 def main(argv):
