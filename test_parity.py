@@ -431,7 +431,7 @@ def write_random_gemma(path, seed):
 def random_models(folder, seed=0):
     """{name: a function building it}: the demo's tiny DiT and AE (tinyworld.make_demo_weights, written into `folder` in the
     real file layouts, read through weightfiles' loaders), their norm scales randomised so a forgotten scale shows, the
-    demo's Gemma in F32 (write_random_gemma), and the 2304-wide DiT of testutil.full_width_config (24/8 heads, head_dim 96)."""
+    demo config's Gemma in F32 (write_random_gemma), and the 2304-wide DiT of testutil.full_width_config (24/8 heads, head_dim 96)."""
     paths = dict(tinyworld.make_demo_weights(folder, seed), gemma=write_random_gemma(os.path.join(folder, "gemma_f32.safetensors"), seed))
 
     def wide(dtype, device):
