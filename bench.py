@@ -176,7 +176,7 @@ def lora_step(c, cfg, sd, bs, ckpt, swap=0, fp8=False, compile=False):
     x0, noise, cap, mask, sigma = inputs(c, cfg, bs)
 
     def step():
-        train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
+        train.flow_matching_loss(model, x0, cap, mask, sigma, noise, [c.cap_valid] * bs).backward()
         optim.step_after_backward(params, opt, max_grad_norm=1.0)
     return timed(step, c.iters, c.warmup, c.device)
 
@@ -197,7 +197,7 @@ def full_step(c, cfg, sd, kind, fused, ema=False):
     def step():
         if average:
             average.set_step(steps[0])
-        train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
+        train.flow_matching_loss(model, x0, cap, mask, sigma, noise, [c.cap_valid]).backward()
         if not fused:
             optim.step_after_backward(params, opt, max_grad_norm=1.0, ema=average)
         steps[0] += 1
@@ -222,8 +222,8 @@ def cfg_step(c, cfg, sd, swap=0, fp8=False, compile=False, attention=None):
     except (ImportError, ValueError) as e:  # sage needs CUDA and its package
         raise Unavailable(str(e).split(":")[0]) from e
     try:
-        return timed(lambda: sample.cfg_velocity(model, x, 0.5, (cap[:1], mask[:1]), (cap[1:], mask[1:]), 4.0),
-                     c.iters, c.warmup, c.device)
+        cond, uncond = (cap[:1], mask[:1], [c.cap_valid]), (cap[1:], mask[1:], [c.cap_valid // 4])  # lengths on the host
+        return timed(lambda: sample.cfg_velocity(model, x, 0.5, cond, uncond, 4.0), c.iters, c.warmup, c.device)
     finally:
         routes = dict(lumina2.ROUTES)  # set_attention clears them: this case's routes go into its row
         lumina2.set_attention(c.attention, torch.bfloat16, c.device)
