@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
+import fakegpu
 import lora
 import lumina2
 import memory
@@ -124,28 +125,6 @@ def inputs(c, cfg, bs, seed=1):
     mask = torch.arange(c.cap_len)[None].expand(bs, -1) < c.cap_valid
     sigma = torch.rand(bs, generator=g)
     return [v.to(c.device) for v in (x0, noise, cap, mask, sigma)]
-
-
-def forward_flops(cfg, batch, cap_len, image_tokens):
-    """Matmul FLOPs of one NextDiT forward, counted analytically (torch 2.11's CUDA FlopCounterMode asserts equal q/kv
-    heads on the unmasked GQA path). cap_len: the batch's longest caption (padded slots below it are computed, so they
-    count); image_tokens = (side / 8 / patch)^2. Elementwise work and bias adds are left out, as FlopCounterMode does."""
-    dim, heads, kv, hd = cfg["dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["dim"] // cfg["n_heads"]
-    hidden = lumina2.ffn_hidden_dim(dim, cfg["multiple_of"], cfg["ffn_dim_multiplier"])
-    patch = cfg["patch_size"] ** 2 * cfg["in_channels"]
-    t_dim = min(dim, 1024)
-
-    def block(tokens, modulated):  # per sample
-        linear = dim * (heads + 2 * kv) * hd + heads * hd * dim + 3 * dim * hidden
-        return 2 * tokens * linear + 4 * tokens**2 * hd * heads + (2 * t_dim * 4 * dim if modulated else 0)
-
-    return batch * (2 * 256 * t_dim + 2 * t_dim * t_dim  # per sample: t_embedder's MLP
-                    + 2 * cap_len * cfg["cap_feat_dim"] * dim  # cap_embedder
-                    + cfg["n_refiner_layers"] * block(cap_len, False)  # context refiner
-                    + 2 * image_tokens * patch * dim  # x_embedder
-                    + cfg["n_refiner_layers"] * block(image_tokens, True)  # noise refiner
-                    + cfg["n_layers"] * block(cap_len + image_tokens, True)  # main layers: the joint sequence
-                    + 2 * t_dim * dim + 2 * image_tokens * dim * patch)  # final layer: adaLN and linear
 
 
 def rel_err(a, b):
@@ -373,8 +352,8 @@ def main(argv=None):
         print("  checks: " + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()), flush=True)
     # the forward trims captions to the batch's longest: cap_valid in every case (CFG's shorter uncond is padded to it)
     image_tokens = (c.side // 8 // cfg["patch_size"]) ** 2
-    fwd1 = forward_flops(cfg, 1, c.cap_valid, image_tokens)
-    fwd_cfg = forward_flops(cfg, 2, c.cap_valid, image_tokens)
+    fwd1 = fakegpu.forward_flops(cfg, 1, c.cap_valid, image_tokens)
+    fwd_cfg = fakegpu.forward_flops(cfg, 2, c.cap_valid, image_tokens)
     rows = []
     for key, (case, impl, fn, kwargs, forwards) in CASES.items():
         if c.cases and key not in c.cases or impl == "diffusers" and not c.diffusers:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import fakegpu
 import lumina2
 
 
@@ -29,7 +30,7 @@ def test_forward_flops_matches_the_counter(valid):
             m(x, t, cap, mask)
     finally:
         lumina2.set_attention("sdpa")
-    ours = bench.forward_flops(cfg, B, max(valid), (side // 2) ** 2)
+    ours = fakegpu.forward_flops(cfg, B, max(valid), (side // 2) ** 2)
     counted = fc.get_total_flops()
     print(f"analytic {ours:.6e} vs FlopCounterMode {counted:.6e}: residual {ours / counted - 1:+.2e}")
     assert abs(ours / counted - 1) < 1e-2
