@@ -1,8 +1,9 @@
 """
 Benchmark one step of training and sampling on one GPU: ours and diffusers' Lumina2Transformer2DModel on the same random
 2B weights and inputs, in the same run. Prints the GPU correctness checks (bf16 vs fp32, ours vs diffusers) and one table
-(ms, TFLOP/s, MFU against a bf16 matmul ceiling measured here, peak GB, ratio to the diffusers row doing the same work,
-attention routes), also written to bench.json. CASES: LoRA steps with memory.py's options, full fine-tuning (the 16 GB
+(ms, TFLOP/s, MFU against a bf16 matmul ceiling measured here, peak GB, beside it plan.py's prediction of that peak (the case
+traced on fakegpu.py's stand-in GPU, so the first GPU run calibrates the planner), ratio to the diffusers row doing the same
+work, attention routes), also written to bench.json. CASES: LoRA steps with memory.py's options, full fine-tuning (the 16 GB
 Adafactor recipe, with and without CPU EMA; AdamW), the CFG sampling step. Training counts 2x forward FLOPs (frozen base)
 or 3x (full), never checkpointing's recomputation. Peak memory on a CPU is the process's peak RSS: one case per run there.
 
@@ -30,6 +31,7 @@ import lora
 import lumina2
 import memory
 import optim
+import plan
 import sample
 import train
 from configurator import configure
@@ -129,6 +131,19 @@ def inputs(c, cfg, bs, seed=1):
 
 def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def predicted_gb(c, cfg, fn, kw):
+    """plan.py's prediction of one of our cases' peak (GiB): its setup and step traced on fakegpu's stand-in, eager (compile
+    and the attention backend aside), a CPU EMA costing the device nothing (its copies go through pinned host buffers)."""
+    placed = dict(device=str(fakegpu.DEVICE), fp8_base=kw.get("fp8", False), blocks_to_swap=swapped(c, cfg, kw.get("swap", 0)))
+    if fn is cfg_step:
+        return plan.sample_step(plan.meta_dit(cfg), cfg, placed, c.side, (c.cap_valid, c.cap_valid // 4))["tracker"].peak / 2**30
+    trained = dict(train_mode="lora" if fn is lora_step else "full", network_dim=16, network_alpha=16.0,
+                   optimizer_type=kw.get("kind", "AdamW"), gradient_checkpointing=kw.get("ckpt", True),
+                   fused_backward_pass=kw.get("fused", False))
+    out = plan.train_step(plan.meta_dit(cfg), cfg, {**placed, **trained}, c.side, [c.cap_valid] * kw.get("bs", 1))
+    return out["tracker"].peak / 2**30
 
 
 class Unavailable(Exception):
@@ -317,15 +332,18 @@ def markdown(result):
         lines += [f"pytest -m cuda: rc {result['tests']['rc']}, {result['tests']['summary']}", ""]
     if result["checks"]:
         lines += ["checks: " + ", ".join(f"{k} {v:.2e}" for k, v in result["checks"].items()), ""]
-    lines += ["| impl | case | ms | TFLOP/s | MFU | peak GiB | ours / diffusers | attention routes |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["| impl | case | ms | TFLOP/s | MFU | peak GiB | predicted GiB | reserved GiB | ours / diffusers | attention routes |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         if "ms" not in r:
-            lines.append(f"| {r['impl']} | {r['case']} | {'error: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']} | | | | | |")
+            why = "error: " + r["error"] if "error" in r else "skipped: " + r["skipped"]
+            lines.append(f"| {r['impl']} | {r['case']} | {why} | | | | | | | |")
             continue
         ratio = f"{r['ratio_to_diffusers']:.2f}" if r["ratio_to_diffusers"] else ""
-        lines.append(f"| {r['impl']} | {r['case']} | {r['ms']:.1f} | {r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_gb']:.2f} | "
-                     f"{ratio} | {routes_text(r['attention']) if r['impl'] == 'ours' else '-'} |")
+        pred = f"{r['predicted_gb']:.2f}" if "predicted_gb" in r else r.get("predicted_error", "")
+        reserved = f"{r['reserved_gb']:.2f}" if r["reserved_gb"] is not None else ""
+        lines.append(f"| {r['impl']} | {r['case']} | {r['ms']:.1f} | {r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_gb']:.2f} | {pred} | "
+                     f"{reserved} | {ratio} | {routes_text(r['attention']) if r['impl'] == 'ours' else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -375,9 +393,19 @@ def main(argv=None):
             continue
         report = lumina2.attention_report(c.device)
         tf = (fwd_cfg if forwards is None else forwards * fwd1) / (ms * 1e-3) / 1e12
-        rows.append(dict(key=key, case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb, attention=report))
+        # what the allocator reserved: with the CUDA context, the part of the card plan.py's OVERHEAD stands for
+        reserved = torch.cuda.max_memory_reserved(c.device) / 2**30 if torch.device(c.device).type == "cuda" else None
+        rows.append(dict(key=key, case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb, reserved_gb=reserved,
+                         attention=report))
+        if impl == "ours":
+            try:
+                rows[-1]["predicted_gb"] = predicted_gb(c, cfg, fn, kwargs)
+            except Exception as e:  # a planner bug must not cost the GPU's table: shown in its row
+                rows[-1]["predicted_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         routes = routes_text(report) if impl == "ours" else "-"  # diffusers runs its own attention
-        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GiB  {routes}", flush=True)
+        pred = f"{rows[-1]['predicted_gb']:6.2f}" if "predicted_gb" in rows[-1] else rows[-1].get("predicted_error", "     -")
+        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GiB (predicted {pred})  "
+              f"{routes}", flush=True)
     theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers" and "ms" in r}
     for r in rows:
         same = SAME_WORK.get(r["key"], r["case"])  # the diffusers row doing the same work
