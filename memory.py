@@ -260,6 +260,14 @@ def swapped_tensors(block, prefix=""):
     return out + list(block.named_buffers())
 
 
+def host_copy(t, pin):
+    """Where a swapped tensor waits in CPU RAM (pinned: CUDA copies it on a side stream). On the meta device, plan.py's
+    stand-in GPU, it stays on meta: a meta tensor has no bytes to copy, and the planner counts only the device's tensors."""
+    if t.device.type == "meta":
+        return t.detach()
+    return t.detach().cpu().pin_memory() if pin else t.detach().cpu()
+
+
 class BlockSwap:
     """n blocks whose frozen tensors live in CPU RAM (pinned for CUDA) and rotate through n_slots device slots (device memory:
     the unswapped layers plus n_slots blocks, whatever n): block j's tensors point at slot j % n_slots for good, so making
@@ -279,8 +287,7 @@ class BlockSwap:
             if layout(ts) != layout(tensors[0]):
                 raise ValueError(f"block swap needs identical layers, but layer {first_layer + j}'s frozen tensors differ "
                                  f"from layer {first_layer}'s: {sorted(set(layout(ts)) ^ set(layout(tensors[0])))[:4]}")
-        host = lambda t: t.detach().cpu().pin_memory() if self.cuda else t.detach().cpu()
-        self.host = [[host(t) for _, t in ts] for ts in tensors]
+        self.host = [[host_copy(t, pin=self.cuda) for _, t in ts] for ts in tensors]
         self.n_slots = min(n_slots, len(self.blocks))
         self.slots = [[torch.empty_like(h, device=self.device) for h in self.host[0]] for _ in range(self.n_slots)]
         self.resident = [None] * self.n_slots  # the block whose weights each slot holds
