@@ -1,8 +1,9 @@
 """
 Benchmark one step of training and sampling on one GPU: ours and diffusers' Lumina2Transformer2DModel on the same random
 2B weights and inputs, in the same run. Prints the GPU correctness checks (bf16 vs fp32, ours vs diffusers) and one table
-(ms, TFLOP/s, MFU against a bf16 matmul ceiling measured here, peak GB, ratio to the diffusers row doing the same work,
-attention routes), also written to bench.json. CASES: LoRA steps with memory.py's options, full fine-tuning (the 16 GB
+(ms, TFLOP/s, MFU against a bf16 matmul ceiling measured here, peak GB, beside it plan.py's prediction of that peak (the case
+traced on fakegpu.py's stand-in GPU, so the first GPU run calibrates the planner), ratio to the diffusers row doing the same
+work, attention routes), also written to bench.json. CASES: LoRA steps with memory.py's options, full fine-tuning (the 16 GB
 Adafactor recipe, with and without CPU EMA; AdamW), the CFG sampling step. Training counts 2x forward FLOPs (frozen base)
 or 3x (full), never checkpointing's recomputation. Peak memory on a CPU is the process's peak RSS: one case per run there.
 
@@ -25,10 +26,12 @@ from types import SimpleNamespace
 
 import torch
 
+import fakegpu
 import lora
 import lumina2
 import memory
 import optim
+import plan
 import sample
 import train
 from configurator import configure
@@ -126,30 +129,21 @@ def inputs(c, cfg, bs, seed=1):
     return [v.to(c.device) for v in (x0, noise, cap, mask, sigma)]
 
 
-def forward_flops(cfg, batch, cap_len, image_tokens):
-    """Matmul FLOPs of one NextDiT forward, counted analytically (torch 2.11's CUDA FlopCounterMode asserts equal q/kv
-    heads on the unmasked GQA path). cap_len: the batch's longest caption (padded slots below it are computed, so they
-    count); image_tokens = (side / 8 / patch)^2. Elementwise work and bias adds are left out, as FlopCounterMode does."""
-    dim, heads, kv, hd = cfg["dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["dim"] // cfg["n_heads"]
-    hidden = lumina2.ffn_hidden_dim(dim, cfg["multiple_of"], cfg["ffn_dim_multiplier"])
-    patch = cfg["patch_size"] ** 2 * cfg["in_channels"]
-    t_dim = min(dim, 1024)
-
-    def block(tokens, modulated):  # per sample
-        linear = dim * (heads + 2 * kv) * hd + heads * hd * dim + 3 * dim * hidden
-        return 2 * tokens * linear + 4 * tokens**2 * hd * heads + (2 * t_dim * 4 * dim if modulated else 0)
-
-    return batch * (2 * 256 * t_dim + 2 * t_dim * t_dim  # per sample: t_embedder's MLP
-                    + 2 * cap_len * cfg["cap_feat_dim"] * dim  # cap_embedder
-                    + cfg["n_refiner_layers"] * block(cap_len, False)  # context refiner
-                    + 2 * image_tokens * patch * dim  # x_embedder
-                    + cfg["n_refiner_layers"] * block(image_tokens, True)  # noise refiner
-                    + cfg["n_layers"] * block(cap_len + image_tokens, True)  # main layers: the joint sequence
-                    + 2 * t_dim * dim + 2 * image_tokens * dim * patch)  # final layer: adaLN and linear
-
-
 def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def predicted_gb(c, cfg, fn, kw):
+    """plan.py's prediction of one of our cases' peak (GiB): its setup and step traced on fakegpu's stand-in, eager (compile
+    and the attention backend aside), a CPU EMA costing the device nothing (its copies go through pinned host buffers)."""
+    placed = dict(device=str(fakegpu.DEVICE), fp8_base=kw.get("fp8", False), blocks_to_swap=swapped(c, cfg, kw.get("swap", 0)))
+    if fn is cfg_step:
+        return plan.sample_step(plan.meta_dit(cfg), cfg, placed, c.side, (c.cap_valid, c.cap_valid // 4))["tracker"].peak / 2**30
+    trained = dict(train_mode="lora" if fn is lora_step else "full", network_dim=16, network_alpha=16.0,
+                   optimizer_type=kw.get("kind", "AdamW"), gradient_checkpointing=kw.get("ckpt", True),
+                   fused_backward_pass=kw.get("fused", False))
+    out = plan.train_step(plan.meta_dit(cfg), cfg, {**placed, **trained}, c.side, [c.cap_valid] * kw.get("bs", 1))
+    return out["tracker"].peak / 2**30
 
 
 class Unavailable(Exception):
@@ -176,7 +170,7 @@ def lora_step(c, cfg, sd, bs, ckpt, swap=0, fp8=False, compile=False):
     x0, noise, cap, mask, sigma = inputs(c, cfg, bs)
 
     def step():
-        train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
+        train.flow_matching_loss(model, x0, cap, mask, sigma, noise, [c.cap_valid] * bs).backward()
         optim.step_after_backward(params, opt, max_grad_norm=1.0)
     return timed(step, c.iters, c.warmup, c.device)
 
@@ -197,7 +191,7 @@ def full_step(c, cfg, sd, kind, fused, ema=False):
     def step():
         if average:
             average.set_step(steps[0])
-        train.flow_matching_loss(model, x0, cap, mask, sigma, noise).backward()
+        train.flow_matching_loss(model, x0, cap, mask, sigma, noise, [c.cap_valid]).backward()
         if not fused:
             optim.step_after_backward(params, opt, max_grad_norm=1.0, ema=average)
         steps[0] += 1
@@ -222,8 +216,8 @@ def cfg_step(c, cfg, sd, swap=0, fp8=False, compile=False, attention=None):
     except (ImportError, ValueError) as e:  # sage needs CUDA and its package
         raise Unavailable(str(e).split(":")[0]) from e
     try:
-        return timed(lambda: sample.cfg_velocity(model, x, 0.5, (cap[:1], mask[:1]), (cap[1:], mask[1:]), 4.0),
-                     c.iters, c.warmup, c.device)
+        cond, uncond = (cap[:1], mask[:1], [c.cap_valid]), (cap[1:], mask[1:], [c.cap_valid // 4])  # lengths on the host
+        return timed(lambda: sample.cfg_velocity(model, x, 0.5, cond, uncond, 4.0), c.iters, c.warmup, c.device)
     finally:
         routes = dict(lumina2.ROUTES)  # set_attention clears them: this case's routes go into its row
         lumina2.set_attention(c.attention, torch.bfloat16, c.device)
@@ -338,15 +332,18 @@ def markdown(result):
         lines += [f"pytest -m cuda: rc {result['tests']['rc']}, {result['tests']['summary']}", ""]
     if result["checks"]:
         lines += ["checks: " + ", ".join(f"{k} {v:.2e}" for k, v in result["checks"].items()), ""]
-    lines += ["| impl | case | ms | TFLOP/s | MFU | peak GiB | ours / diffusers | attention routes |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["| impl | case | ms | TFLOP/s | MFU | peak GiB | predicted GiB | reserved GiB | ours / diffusers | attention routes |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         if "ms" not in r:
-            lines.append(f"| {r['impl']} | {r['case']} | {'error: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']} | | | | | |")
+            why = "error: " + r["error"] if "error" in r else "skipped: " + r["skipped"]
+            lines.append(f"| {r['impl']} | {r['case']} | {why} | | | | | | | |")
             continue
         ratio = f"{r['ratio_to_diffusers']:.2f}" if r["ratio_to_diffusers"] else ""
-        lines.append(f"| {r['impl']} | {r['case']} | {r['ms']:.1f} | {r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_gb']:.2f} | "
-                     f"{ratio} | {routes_text(r['attention']) if r['impl'] == 'ours' else '-'} |")
+        pred = f"{r['predicted_gb']:.2f}" if "predicted_gb" in r else r.get("predicted_error", "")
+        reserved = f"{r['reserved_gb']:.2f}" if r["reserved_gb"] is not None else ""
+        lines.append(f"| {r['impl']} | {r['case']} | {r['ms']:.1f} | {r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_gb']:.2f} | {pred} | "
+                     f"{reserved} | {ratio} | {routes_text(r['attention']) if r['impl'] == 'ours' else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -373,8 +370,8 @@ def main(argv=None):
         print("  checks: " + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()), flush=True)
     # the forward trims captions to the batch's longest: cap_valid in every case (CFG's shorter uncond is padded to it)
     image_tokens = (c.side // 8 // cfg["patch_size"]) ** 2
-    fwd1 = forward_flops(cfg, 1, c.cap_valid, image_tokens)
-    fwd_cfg = forward_flops(cfg, 2, c.cap_valid, image_tokens)
+    fwd1 = fakegpu.forward_flops(cfg, 1, c.cap_valid, image_tokens)
+    fwd_cfg = fakegpu.forward_flops(cfg, 2, c.cap_valid, image_tokens)
     rows = []
     for key, (case, impl, fn, kwargs, forwards) in CASES.items():
         if c.cases and key not in c.cases or impl == "diffusers" and not c.diffusers:
@@ -396,9 +393,19 @@ def main(argv=None):
             continue
         report = lumina2.attention_report(c.device)
         tf = (fwd_cfg if forwards is None else forwards * fwd1) / (ms * 1e-3) / 1e12
-        rows.append(dict(key=key, case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb, attention=report))
+        # what the allocator reserved: with the CUDA context, the part of the card plan.py's OVERHEAD stands for
+        reserved = torch.cuda.max_memory_reserved(c.device) / 2**30 if torch.device(c.device).type == "cuda" else None
+        rows.append(dict(key=key, case=case, impl=impl, ms=ms, tflops=tf, mfu=tf / ceiling, peak_gb=gb, reserved_gb=reserved,
+                         attention=report))
+        if impl == "ours":
+            try:
+                rows[-1]["predicted_gb"] = predicted_gb(c, cfg, fn, kwargs)
+            except Exception as e:  # a planner bug must not cost the GPU's table: shown in its row
+                rows[-1]["predicted_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         routes = routes_text(report) if impl == "ours" else "-"  # diffusers runs its own attention
-        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GiB  {routes}", flush=True)
+        pred = f"{rows[-1]['predicted_gb']:6.2f}" if "predicted_gb" in rows[-1] else rows[-1].get("predicted_error", "     -")
+        print(f"  {impl:9s} {case:40s} {ms:9.1f} ms {tf:7.1f} TFLOP/s  MFU {tf / ceiling:5.1%}  peak {gb:6.2f} GiB (predicted {pred})  "
+              f"{routes}", flush=True)
     theirs = {r["case"]: r["ms"] for r in rows if r["impl"] == "diffusers" and "ms" in r}
     for r in rows:
         same = SAME_WORK.get(r["key"], r["case"])  # the diffusers row doing the same work

@@ -61,12 +61,13 @@ def validate(c, world, choices):
     problems += [msg for bad, msg in combos if bad]
     problems += memory.combination_problems(c.train_mode, c.fp8_base, c.fp8_scaled_mm, c.blocks_to_swap, fsdp=world > 1 and c.parallel == "fsdp")
     if not device_problem(c.device, "device"):
-        try:  # the fp8 GEMM needs sm89+ on CUDA
-            memory.use_scaled_mm(c.fp8_scaled_mm, c.device)
+        dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
+        try:  # the fp8 GEMM: bf16 only, and a row-wise kernel on this device with this torch (sm89+ on CUDA)
+            memory.use_scaled_mm(c.fp8_scaled_mm, c.device, dtype)
         except ValueError as e:
             problems.append(str(e))
         try:  # the backend's name, its package, its device and its dtype
-            lumina2.set_attention(c.attention, torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32, c.device)
+            lumina2.set_attention(c.attention, dtype, c.device)
         except (ValueError, ImportError) as e:
             problems.append(str(e))
     if problems:

@@ -4,7 +4,7 @@ a Python file named on the command line, then --key=value flags (literals of the
 
     python train.py config/demo.py --learning_rate=3e-4 --output_dir='"out/x"'
     python train.py --help
-    python configurator.py train.py sample.py bench.py > docs/config.md      # the same, for every script
+    python configurator.py train.py sample.py bench.py plan.py > docs/config.md      # the same, for every script
 """
 import ast
 import os

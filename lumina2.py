@@ -124,15 +124,19 @@ class AttentionMask(NamedTuple):
     max_seqlen: int = 0  # flash/sage: the longest valid length
 
 
-def attention_mask(keys, max_len, dtype):
-    """keys (B, S) bool, max_len its largest row count (an int the caller holds: no sync), dtype the compute dtype ->
-    AttentionMask with the fields ATTENTION needs. The varlen backends pay one host sync here (nonzero), sdpa/math none."""
+def attention_mask(keys, max_len, dtype, n_valid=None):
+    """keys (B, S) bool, max_len its largest row count and n_valid its count of True (ints the caller holds), dtype the
+    compute dtype -> AttentionMask with the fields ATTENTION needs. No host sync, but for the varlen backends when n_valid
+    is None (nonzero(): the host waits to learn its size)."""
     if ATTENTION == "sdpa":
         bias = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill(~keys, float("-inf"))
         return AttentionMask(ATTENTION, keys, bias=bias[:, None, None, :])
     if ATTENTION in ("flash", "sage"):
         cu_seqlens = F.pad(keys.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-        return AttentionMask(ATTENTION, keys, indices=keys.flatten().nonzero().squeeze(1), cu_seqlens=cu_seqlens, max_seqlen=max_len)
+        flat = keys.flatten()
+        # a stable sort puts the valid tokens first, in order: their places, of a size the host already knows
+        indices = flat.nonzero().squeeze(1) if n_valid is None else torch.argsort(~flat, stable=True)[:n_valid]
+        return AttentionMask(ATTENTION, keys, indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_len)
     return AttentionMask(ATTENTION, keys)
 
 
@@ -339,21 +343,26 @@ class NextDiT(nn.Module):
         angles = rope_angles(pos, self.axes_dims)
         return angles.cos(), angles.sin()
 
-    def forward(self, x, t, cap_feats, cap_mask):
-        """x (B, C, H, W) noisy latents, t (B,) = 1 - sigma, cap_feats (B, L, cap_feat_dim),
-        cap_mask (B, L) right-padded validity -> velocity x0 - noise, (B, C, H, W) fp32."""
+    def forward(self, x, t, cap_feats, cap_mask, cap_lens=None):
+        """x (B, C, H, W) noisy latents, t (B,) = 1 - sigma, cap_feats (B, L, cap_feat_dim), cap_mask (B, L) right-padded
+        validity, cap_lens its row counts on the host (a list of ints or a CPU tensor: the caller's batch has them there)
+        -> velocity x0 - noise, (B, C, H, W) fp32. With cap_lens the forward never waits for the device; None reads them
+        from cap_mask, one device-to-host sync when it is on a GPU."""
         B, C, H, W = x.shape
         p, dtype = self.patch_size, self.x_embedder.weight.dtype
         h, w = H // p, W // p
-        cap_lens = cap_mask.sum(1).long()  # (B,) valid caption tokens per sample
-        L = int(cap_lens.max())
+        lens = cap_mask.sum(1) if cap_lens is None else cap_lens
+        lens = lens.tolist() if isinstance(lens, torch.Tensor) else [int(n) for n in lens]  # host ints
+        L = max(lens)
         assert L < self.axes_lens[0], f"caption of {L} tokens: this model's RoPE table allows {self.axes_lens[0] - 1}"
         assert h <= self.axes_lens[1] and w <= self.axes_lens[2], f"latent {H}x{W} exceeds the RoPE table"
         # trimmed to the longest caption, the result is independent of padding; equal lengths need no mask (fast kernels)
         cap_mask = cap_mask[:, :L].bool()
+        cap_lens = cap_mask.sum(1)  # (B,) on the mask's device, for the image positions: the same counts, no copy
         # one mask object per sequence and forward, read by every block: caption (B, L), joint (B, L + h*w)
-        cap_attn = None if bool(cap_mask.all()) else attention_mask(cap_mask, L, dtype)
-        joint_attn = None if cap_attn is None else attention_mask(F.pad(cap_mask, (0, h * w), value=True), L + h * w, dtype)
+        cap_attn = None if min(lens) == L else attention_mask(cap_mask, L, dtype, sum(lens))
+        joint_attn = None if cap_attn is None else attention_mask(F.pad(cap_mask, (0, h * w), value=True), L + h * w, dtype,
+                                                                  sum(lens) + B * h * w)
 
         # positions: caption token j -> (j, 0, 0); image patch (r, c) -> (cap_len, r, c)
         dev = x.device

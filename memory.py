@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.torch_version import TorchVersion
 
 # -----------------------------------------------------------------------------
 # the unit every transform works on
@@ -64,25 +65,63 @@ def dequantize(w8, scale, dtype):
     return w8.to(dtype) * scale.to(dtype)  # exact: fp8 -> bf16/fp32 is exact and the scale a power of two
 
 
-def use_scaled_mm(on, device):
+# torch's row-wise fp8 GEMM on CUDA is a CUTLASS kernel for sm90 (aten/src/ATen/native/cuda/RowwiseScaledMM.cu); its sm89
+# version came with pytorch#144348 and #145676 (January 2025, so torch 2.7): before that, Ada cards (sm89) had none
+ROWWISE_SM89_SINCE = "2.7"
+
+
+def scaled_mm_capability(version=None):
+    """The least CUDA compute capability with a row-wise fp8 GEMM in torch `version` (None: this one): 8.9 from 2.7 on, else 9.0."""
+    return (8, 9) if TorchVersion(version or torch.__version__) >= ROWWISE_SM89_SINCE else (9, 0)
+
+
+def scaled_mm_problem(device, dtype):
+    """Why fp8_scaled_mm cannot run on `device` for a model in `dtype` with this torch, or None. The rule (docs/training.md):
+      - bf16 only: the fp8 GEMM returns the activations' dtype, and torch's row-wise kernels gave bf16 output only (CUTLASS:
+        "Only bf16 high precision output types are supported for row-wise scaling"); fp16 or fp32 would skip it unseen;
+      - CUDA: compute capability scaled_mm_capability() or newer (9.0; 8.9 from torch 2.7);
+      - then the kernel itself, on 16x16 zeros through scaled_mm: a torch whose kernel takes per-tensor scales only (torch
+        2.11 on the CPU: "Now _scaled_mm only supports per-tensor scaling for CPU backend"), a Windows or ROCm build
+        without it, say so here, at start-up, not at the first matmul."""
+    dev, version = torch.device(device), f"torch {torch.__version__}"
+    if dtype != torch.bfloat16:
+        return (f"fp8_scaled_mm needs a bf16 model: its fp8 GEMM (torch._scaled_mm, row-wise scales) gives bf16 output only, "
+                f"but the model runs in {dtype} ({version}). Use dtype='bfloat16' (sample.py) or mixed_precision='bf16' "
+                "(train.py), or fp8_scaled_mm=False")
+    if dev.type == "cuda" and torch.version.cuda and torch.cuda.get_device_capability(dev) < scaled_mm_capability():
+        need = ".".join(map(str, scaled_mm_capability()))
+        return (f"fp8_scaled_mm needs a row-wise fp8 GEMM, which {version} has for compute capability {need} and newer "
+                f"(9.0 before torch {ROWWISE_SM89_SINCE}), but {torch.cuda.get_device_name(dev)} has "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}: use fp8_scaled_mm=False (fp8 storage, bf16 matmuls)")
+    try:
+        scaled_mm(torch.zeros(16, 16, dtype=dtype, device=dev), torch.zeros(16, 16, dtype=FP8, device=dev),
+                  torch.ones(16, 1, device=dev), None)
+    except RuntimeError as e:
+        return (f"fp8_scaled_mm needs torch._scaled_mm with row-wise scales and bf16 output, which {version} does not offer on "
+                f"{dev.type}: it says {str(e).strip().splitlines()[0]!r}. Use fp8_scaled_mm=False (fp8 storage, bf16 matmuls)")
+    return None
+
+
+def use_scaled_mm(on, device, dtype):
     """fp8_scaled_mm (musubi-tuner's --fp8_fast): twice the bf16 tensor-core rate on sm89/sm90, for the input's rounding to 3
-    mantissa bits (test_memory.py). CUDA needs compute capability 8.9+; the CPU runs torch's reference kernel, for the tests."""
+    mantissa bits (test_memory.py). Refused, with scaled_mm_problem()'s reason, where this torch and device have no row-wise
+    fp8 GEMM for `dtype`; the CPU runs torch's reference kernel, for the tests."""
     global SCALED_MM
-    dev = torch.device(device)
-    if on and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
-        raise ValueError(f"fp8_scaled_mm needs fp8 tensor cores (compute capability 8.9+, e.g. RTX 40xx, H100), but "
-                         f"{torch.cuda.get_device_name(dev)} has {torch.cuda.get_device_capability(dev)}: use fp8_scaled_mm=False "
-                         "(fp8 storage, bf16 matmuls)")
+    if on and (problem := scaled_mm_problem(device, dtype)):
+        raise ValueError(problem)
     SCALED_MM = bool(on)
 
 
 def scaled_mm(x, w8, scale, bias):
-    """x (..., K) bf16, w8 (N, K) fp8, scale (N, 1) or () -> (..., N) bf16: x quantised per row, one fp8 GEMM (fp32 accumulation,
-    both row scales in its epilogue). x's scale amax/448 may be any float: it is applied in fp32, never to fp8 values."""
+    """x (..., K) bf16, w8 (N, K) fp8, scale (N, 1) or () -> (..., N) bf16: one fp8 GEMM (fp32 accumulation, both scales in its
+    epilogue), x quantised at the weight's granularity: per row for a per-row scale (the row-wise kernel), as a whole for a
+    per-tensor one (the form every fp8 _scaled_mm takes). x's scale amax/448 may be any float: it is applied in fp32."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # (M, 1)
+    rowwise = scale.dim() > 0
+    amax = x2.abs().amax(dim=1, keepdim=True) if rowwise else x2.abs().amax()  # (M, 1) or ()
+    x_scale = (amax.float() / FP8_MAX).clamp(min=1e-12)
     x8 = (x2.float() / x_scale).to(FP8)
-    w_scale = scale.float().reshape(-1, 1).expand(w8.shape[0], 1).reshape(1, -1).contiguous()  # (1, N)
+    w_scale = scale.float().reshape(1, -1).contiguous() if rowwise else scale.float()  # (1, N) or ()
     # w8.t() is (K, N) column-major, the layout the fp8 GEMM takes for its second operand
     y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], w8.shape[0])
@@ -221,6 +260,14 @@ def swapped_tensors(block, prefix=""):
     return out + list(block.named_buffers())
 
 
+def host_copy(t, pin):
+    """Where a swapped tensor waits in CPU RAM (pinned: CUDA copies it on a side stream). On the meta device, plan.py's
+    stand-in GPU, it stays on meta: a meta tensor has no bytes to copy, and the planner counts only the device's tensors."""
+    if t.device.type == "meta":
+        return t.detach()
+    return t.detach().cpu().pin_memory() if pin else t.detach().cpu()
+
+
 class BlockSwap:
     """n blocks whose frozen tensors live in CPU RAM (pinned for CUDA) and rotate through n_slots device slots (device memory:
     the unswapped layers plus n_slots blocks, whatever n): block j's tensors point at slot j % n_slots for good, so making
@@ -240,8 +287,7 @@ class BlockSwap:
             if layout(ts) != layout(tensors[0]):
                 raise ValueError(f"block swap needs identical layers, but layer {first_layer + j}'s frozen tensors differ "
                                  f"from layer {first_layer}'s: {sorted(set(layout(ts)) ^ set(layout(tensors[0])))[:4]}")
-        host = lambda t: t.detach().cpu().pin_memory() if self.cuda else t.detach().cpu()
-        self.host = [[host(t) for _, t in ts] for ts in tensors]
+        self.host = [[host_copy(t, pin=self.cuda) for _, t in ts] for ts in tensors]
         self.n_slots = min(n_slots, len(self.blocks))
         self.slots = [[torch.empty_like(h, device=self.device) for h in self.host[0]] for _ in range(self.n_slots)]
         self.resident = [None] * self.n_slots  # the block whose weights each slot holds
@@ -377,7 +423,7 @@ def prepare(model, device, *, fp8=False, fp8_scaled_mm=False, checkpointing=Fals
       3. block swap last: it owns placement, and its bookkeeping must wrap the compiled region, not be traced into it.
     DDP and the optimizer come after, in train.py. Returns the model."""
     check_combination(fp8=fp8, fp8_scaled_mm=fp8_scaled_mm, blocks_to_swap=blocks_to_swap, n_layers=len(model.layers))
-    use_scaled_mm(fp8_scaled_mm, device)
+    use_scaled_mm(fp8_scaled_mm, device, model.x_embedder.weight.dtype)
     if fp8:
         quantize_fp8(model)
     if checkpointing:

@@ -41,7 +41,8 @@ class Optimizer:
         self.zero_grads_in_place = zero_grads_in_place
         self.work = [[self.work_tensor(local(p)) for p in g] for g in groups]
         self.opts = [OPTIMIZERS[kind](w, lr=lr, weight_decay=weight_decay) for w in self.work]
-        self.generator = torch.Generator(local(groups[0][0]).device).manual_seed(seed)  # the rounding noise
+        device = local(groups[0][0]).device  # the meta device (plan.py's stand-in GPU) has no generator: it draws nothing
+        self.generator = torch.Generator(device if device.type != "meta" else "cpu").manual_seed(seed)  # the rounding noise
 
     def work_tensor(self, p):
         if p.dtype == torch.float32:

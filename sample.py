@@ -55,7 +55,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 offload = "none"  # "none": all on device; "model": models wait in CPU RAM, each on the device only while used
 blocks_to_swap = 0  # --blocks_to_swap (sd-scripts): the last n DiT layers wait in CPU RAM, streamed in per step
 fp8_base = False  # --fp8_base (sd-scripts): the DiT blocks' Linear weights in fp8 (per-row scale), half the bytes
-fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, the matmuls themselves in fp8 (torch._scaled_mm; sm89+)
+fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, the matmuls themselves in fp8 (torch._scaled_mm; sm89+, bf16)
 compile = False  # torch.compile per DiT block (musubi-tuner's --compile); the first steps pay the compile
 dit_path = "models/lumina_2_model_bf16.safetensors"
 gemma_path = "models/gemma_2_2b_fp16.safetensors"
@@ -84,16 +84,25 @@ def seeded_noise(seeds, height, width, channels=16):
                       for s in seeds])
 
 
+def with_lens(caption):
+    """(feats (B, L, D), mask (B, L)) -> (feats, mask, lens): lens the valid lengths as host ints, the DiT's cap_lens, read
+    from the mask once here (one sync if it is on a GPU) so that no step's forward waits for the device."""
+    return (*caption[:2], caption[1].sum(1).tolist())
+
+
 def stack_captions(a, b):
-    """Two captions (feats (B, La, D), mask (B, La)) -> one batch (2B, max(La, Lb), ...), right-padded: the DiT ignores that."""
+    """Two captions (feats (B, La, D), mask (B, La)[, lens]) -> one batch (2B, max(La, Lb), ...), right-padded: the DiT
+    ignores that; host lengths, where both have them, are joined."""
     L = max(a[0].shape[1], b[0].shape[1])
-    return (torch.cat([F.pad(f, (0, 0, 0, L - f.shape[1])) for f in (a[0], b[0])]),
+    both = (torch.cat([F.pad(f, (0, 0, 0, L - f.shape[1])) for f in (a[0], b[0])]),
             torch.cat([F.pad(m.bool(), (0, L - m.shape[1]), value=False) for m in (a[1], b[1])]))
+    return (*both, [*a[2], *b[2]]) if len(a) == len(b) == 3 else both
 
 
 @torch.no_grad()
 def cfg_velocity(model, x, sigma, cond, uncond, cfg=4.0, cfg_trunc=1.0, renorm=1.0, both=None):
-    """x (B, 16, h, w) fp32 at sigma (float or 0-dim), cond/uncond (None: no CFG) = (feats (B, L, D), mask (B, L)) -> v like x."""
+    """x (B, 16, h, w) fp32 at sigma (float or 0-dim), cond/uncond (None: no CFG) = (feats (B, L, D), mask (B, L)[, lens on the
+    host: see with_lens]) -> v like x."""
     t = 1 - torch.as_tensor(sigma, dtype=torch.float32)  # Lumina time: 0 = noise, 1 = clean
     guided = uncond is not None and cfg != 1.0 and float(t) < cfg_trunc
     t = t.to(x.device).expand(x.shape[0])
@@ -129,7 +138,7 @@ def sample(model, noise, cond, uncond=None, steps=30, cfg=4.0, cfg_trunc=1.0, re
     """The flow ODE from sigma = 1 (noise (B, 16, h, w)) to 0 -> latents (B, 16, h, w) fp32; cond/uncond: batch 1 or B."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
-    widen = lambda c: None if c is None else tuple(z.expand(noise.shape[0], *z.shape[1:]) for z in c)
+    widen = lambda c: None if c is None else with_lens(tuple(z.expand(noise.shape[0], *z.shape[1:]) for z in c[:2]))
     cond, uncond = widen(cond), widen(uncond)
     both = stack_captions(cond, uncond) if uncond is not None and cfg != 1.0 else None
     velocity = lambda x, s: cfg_velocity(model, x, s, cond, uncond, cfg, cfg_trunc, renorm, both)
@@ -252,7 +261,7 @@ def main(argv=None):
     try:  # every setting that can be checked before a weight file is read
         lumina2.set_attention(c.attention, DTYPES[c.dtype], c.device)
         memory.check_combination(fp8=c.fp8_base, fp8_scaled_mm=c.fp8_scaled_mm, blocks_to_swap=c.blocks_to_swap)
-        memory.use_scaled_mm(c.fp8_scaled_mm, c.device)
+        memory.use_scaled_mm(c.fp8_scaled_mm, c.device, DTYPES[c.dtype])  # bf16 only; row-wise fp8 GEMM on this device
     except (ValueError, ImportError) as e:
         raise SystemExit(str(e)) from None
     if c.device.startswith("cuda"):

@@ -117,7 +117,7 @@ attention = "sdpa"  # lumina2.set_attention; sd-scripts --use_flash_attn; sage s
 gradient_checkpointing = True  # --gradient_checkpointing
 blocks_to_swap = 0  # --blocks_to_swap: this many of the 26 main layers wait in CPU RAM and stream to the device
 fp8_base = False  # --fp8_base: frozen base Linear weights stored as float8_e4m3fn with a scale (LoRA only)
-fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, forward matmuls in fp8 (torch._scaled_mm; sm89+)
+fp8_scaled_mm = False  # musubi-tuner's --fp8_fast: with fp8_base, forward matmuls in fp8 (torch._scaled_mm; sm89+, bf16)
 compile = False  # torch.compile each block (regional), dynamic sequence length
 parallel = "ddp"  # under torchrun: a full replica per GPU (LoRA or full), or FSDP2 per block (full)
 
@@ -169,11 +169,12 @@ def sample_sigmas(n, latent_hw, generator, c):
     return SIGMA_SAMPLERS[c.timestep_sampling](n, generator, mu, c)
 
 
-def flow_matching_loss(model, x0, cap_feats, cap_mask, sigma, noise):
-    """x0, noise (B, 16, h, w) fp32; sigma (B,) fp32 -> scalar fp32 MSE against v = x0 - noise."""
+def flow_matching_loss(model, x0, cap_feats, cap_mask, sigma, noise, cap_lens=None):
+    """x0, noise (B, 16, h, w) fp32; sigma (B,) fp32; cap_lens the captions' valid lengths as host ints (the batch's
+    CPU mask has them: then the forward waits for nothing on the device) -> scalar fp32 MSE against v = x0 - noise."""
     s = sigma.view(-1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
-    v = model(xt, 1 - sigma, cap_feats, cap_mask)  # t = 1 - sigma stays fp32 into the timestep embedding
+    v = model(xt, 1 - sigma, cap_feats, cap_mask, cap_lens)  # t = 1 - sigma stays fp32 into the timestep embedding
     return F.mse_loss(v.float(), x0 - noise, reduction="none").mean(dim=(1, 2, 3)).mean()
 
 
@@ -322,7 +323,8 @@ def validation_loss(c, r):
                              for j in range(len(x0))]).to(c.device)  # (B, S, 16, h, w)
         for k, s in enumerate(c.validation_sigmas):
             sigma = torch.full((len(x0),), float(s), device=c.device)
-            loss = flow_matching_loss(r.model, x0, batch["cap_feats"].to(c.device), batch["cap_mask"].to(c.device), sigma, noise[:, k])
+            loss = flow_matching_loss(r.model, x0, batch["cap_feats"].to(c.device), batch["cap_mask"].to(c.device), sigma, noise[:, k],
+                                      batch["cap_mask"].sum(1).tolist())
             total += loss * len(x0)  # the batch's mean -> its sum
         first += len(x0)
         n += len(x0) * len(c.validation_sigmas)
@@ -409,7 +411,7 @@ def train_loop(c, r):
                 r.net.set_requires_gradient_sync(sync)
             with r.net.no_sync() if r.world > 1 and not r.fsdp and not sync else contextlib.nullcontext():
                 loss = flow_matching_loss(r.net, x0, batch["cap_feats"].to(c.device), batch["cap_mask"].to(c.device),
-                                          sigma.to(c.device), noise)
+                                          sigma.to(c.device), noise, batch["cap_mask"].sum(1).tolist())  # lengths from the CPU mask
                 # this rank's mean, weighted by its share: averaged over ranks it is the global batch's mean
                 (loss * batch["weight"] / c.gradient_accumulation_steps).backward()
             r.batch_in_epoch += 1

@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import fakegpu
 import lumina2
 
 
@@ -29,7 +30,7 @@ def test_forward_flops_matches_the_counter(valid):
             m(x, t, cap, mask)
     finally:
         lumina2.set_attention("sdpa")
-    ours = bench.forward_flops(cfg, B, max(valid), (side // 2) ** 2)
+    ours = fakegpu.forward_flops(cfg, B, max(valid), (side // 2) ** 2)
     counted = fc.get_total_flops()
     print(f"analytic {ours:.6e} vs FlopCounterMode {counted:.6e}: residual {ours / counted - 1:+.2e}")
     assert abs(ours / counted - 1) < 1e-2
@@ -43,7 +44,9 @@ def test_gpu_check_runs_on_cpu(tmp_path, monkeypatch):
     out = bench.main(["--check=True", "--smoke=True", '--cases=["lora_bs1", "cfg", "diffusers_cfg"]'])
     assert out["ok"] and out["tests"]["rc"] == 0 and "skipped" in out["tests"]["summary"]
     assert [r["impl"] for r in out["rows"]] == ["ours", "ours", "diffusers"] and all(r["ms"] > 0 for r in out["rows"])
+    # plan.py's prediction beside each of our rows (the smoke model's weights alone are 127 MiB in bf16)
+    assert all(r["predicted_gb"] > 127 / 1024 for r in out["rows"][:2]) and "predicted_gb" not in out["rows"][2]
     assert out["rows"][0]["attention"]["routes"] == {"sdpa-gqa-unmasked": 6}  # 3 one-layer stacks x (warm-up + timed step)
     assert set(out["rows"][1]["attention"]["routes"]) == {"sdpa-gqa-unmasked", "sdpa-expanded-masked"}  # cond + uncond differ
     assert json.load(open(tmp_path / "bench.json"))["rows"] == out["rows"]
-    assert "| ours | CFG step (batch 2) |" in (tmp_path / "bench.md").read_text()
+    assert "| ours | CFG step (batch 2) |" in (tmp_path / "bench.md").read_text() and "| predicted GiB |" in (tmp_path / "bench.md").read_text()

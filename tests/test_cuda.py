@@ -445,8 +445,8 @@ def test_cuda_fp8_base_error_on_a_2304_wide_model(matmul, wide, monkeypatch):
     """fp8 base weights on the GPU: stored in fp8 and upcast for bf16 matmuls (fp8_base), and with fp8_scaled_mm
     run as fp8 GEMMs on the tensor cores (torch._scaled_mm, sm89+), which test_memory checks on the CPU's
     reference kernel only."""
-    if matmul == "scaled_mm" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip(f"fp8_scaled_mm needs compute capability 8.9+, this GPU has {torch.cuda.get_device_capability()}")
+    if matmul == "scaled_mm" and (problem := memory.scaled_mm_problem("cuda", torch.bfloat16)):
+        pytest.skip(problem)  # the capability, the torch version and the kernel's own word
     monkeypatch.setattr(memory, "SCALED_MM", False)  # off now, and off again at teardown whatever use_scaled_mm sets
     real, calls = memory.scaled_mm, []
     monkeypatch.setattr(memory, "scaled_mm", lambda *a: calls.append(a[1].shape) or real(*a))
@@ -461,7 +461,7 @@ def test_cuda_fp8_base_error_on_a_2304_wide_model(matmul, wide, monkeypatch):
     lumina2.set_attention("sdpa", torch.bfloat16, "cuda")
     with torch.no_grad():
         bf16, storage = plain(*b), fp8(*b)  # fp8 storage, bf16 matmuls
-        memory.use_scaled_mm(matmul == "scaled_mm", "cuda")
+        memory.use_scaled_mm(matmul == "scaled_mm", "cuda", torch.bfloat16)
         got = fp8(*b)
         with data.exact_fp32():
             want = ref(*b)

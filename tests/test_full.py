@@ -14,8 +14,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import checkpoint
-import data
 import lumina2
 import optim
 import tinyworld

@@ -27,7 +27,7 @@ import train
 import weightfiles
 from testutil import ROOT, one_image_dataset, run
 
-SCRIPTS = {"train", "sample", "bench"}
+SCRIPTS = {"train", "sample", "bench", "plan"}
 
 
 def project_imports():
@@ -61,7 +61,7 @@ def test_imports_point_down():
         visit(m, [])
 
 
-@pytest.mark.parametrize("script", ["train", "sample", "bench"])
+@pytest.mark.parametrize("script", ["train", "sample", "bench", "plan"])
 def test_help_prints_every_setting_with_its_default_comment_and_choices(script, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit) as e:
@@ -79,10 +79,10 @@ def test_help_prints_every_setting_with_its_default_comment_and_choices(script, 
 
 def test_docs_config_is_the_scripts_own_description():
     """docs/config.md is generated from the scripts' constants and mappings: it must not drift from them."""
-    generated = subprocess.run([sys.executable, "configurator.py", "train.py", "sample.py", "bench.py"], cwd=ROOT,
+    generated = subprocess.run([sys.executable, "configurator.py", "train.py", "sample.py", "bench.py", "plan.py"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout
     with open(os.path.join(ROOT, "docs", "config.md")) as f:
-        assert f.read() == generated, "docs/config.md is stale: python configurator.py train.py sample.py bench.py > docs/config.md"
+        assert f.read() == generated, "docs/config.md is stale: python configurator.py train.py sample.py bench.py plan.py > docs/config.md"
 
 
 def test_a_new_noise_level_sampler_is_one_entry(weights, tmp_path, monkeypatch):

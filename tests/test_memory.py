@@ -11,6 +11,7 @@ Bit-exact claims (torch.equal) compare two runs of the same computation on the s
 errors are relative, ||a - b|| / ||b|| unless stated, each with its bound.
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -18,11 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import data
 import lora
 import lumina2
 import memory
 import tinyworld
+import train
 import weightfiles
 from testutil import (TINY, assert_same_training, batch, full_width_config, loss_of, perturb_norms, ragged_batch,
                       run_sample, tiny_lora_model, train_lora)
@@ -193,43 +194,87 @@ def test_fp8_error_on_a_2304_wide_model_row_vs_tensor(wide):
     assert plain["row"] <= plain["tensor"] and spread_err["row"] < spread_err["tensor"]
 
 
+def hand_scaled_mm(x, w8, scale, bias=None):
+    """What scaled_mm must give, independent of it: x quantised at the weight's granularity (per row for an (N, 1) scale,
+    as a whole for a 0-d one), multiplied exactly in fp64, scaled, rounded once to bf16."""
+    amax = x.double().abs().amax(-1, keepdim=True) if scale.dim() else x.double().abs().amax()
+    x8 = (x.double() / (amax / 448)).float().to(torch.float8_e4m3fn).double() * (amax / 448)
+    y = x8 @ (w8.double() * scale.double()).T
+    return (y if bias is None else y + bias.double()).bfloat16()
+
+
 def test_fp8_scaled_mm_glue_and_error(wide, monkeypatch):
-    """fp8_scaled_mm: torch._scaled_mm (its CPU reference kernel here, the fp8 tensor cores on sm89+) against
-    math written here, then the 2304-wide model's bf16 forward against fp32, fp8 storage vs fp8 matmuls."""
+    """fp8_scaled_mm: torch._scaled_mm (its CPU reference kernel here, the fp8 tensor cores on sm89+) against math written
+    here, in the forms this torch's CPU kernel takes: per-tensor scales always, row-wise where offered (torch 2.13 and 2.14.1,
+    not 2.11: there use_scaled_mm must refuse at once, saying why); then the 2304-wide model's bf16 forward against fp32,
+    fp8 storage vs fp8 matmuls, at the finest granularity this torch offers."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 7, 64, generator=g).bfloat16()
-    w8, scale = memory.quantize(torch.randn(48, 64, generator=g) * torch.exp2(torch.randn(48, 1, generator=g)))
+    w = torch.randn(48, 64, generator=g) * torch.exp2(torch.randn(48, 1, generator=g))
     bias = torch.randn(48, generator=g).bfloat16()
-    # independent of memory.scaled_mm: quantise x per row by hand, multiply exactly in fp64, scale, round once
-    xs = x.double().abs().amax(-1, keepdim=True) / 448
-    x8 = (x.double() / xs).float().to(torch.float8_e4m3fn).double() * xs
-    want = (x8 @ (w8.double() * scale.double()).T + bias.double()).bfloat16()
-    got = memory.scaled_mm(x, w8, scale, bias)
+    w8t, st = memory.quantize(w, "tensor")
+    got = memory.scaled_mm(x, w8t, st, bias)
     assert got.shape == (5, 7, 48) and got.dtype == torch.bfloat16
-    assert rel(got, want) < 2 ** -7  # the GEMM accumulates in fp32 and rounds once to bf16: within a bf16 step
-    # the per-tensor scale (a 0-d tensor) takes the same path
-    w8t, st = memory.quantize(w8.float() * scale, "tensor")
-    assert rel(memory.scaled_mm(x, w8t, st, None), (x8 @ (w8t.double() * st.double()).T).bfloat16()) < 2 ** -7
+    assert rel(got, hand_scaled_mm(x, w8t, st, bias)) < 2 ** -7  # fp32 accumulation rounded once to bf16: within a bf16 step
+    problem = memory.scaled_mm_problem("cpu", torch.bfloat16)
+    if problem is None:  # row-wise offered: the per-row form, and fp8_scaled_mm switches on
+        w8, scale = memory.quantize(w)
+        assert rel(memory.scaled_mm(x, w8, scale, bias), hand_scaled_mm(x, w8, scale, bias)) < 2 ** -7
+    else:  # per-tensor only (torch 2.11's CPU kernel): refused at start-up with the kernel's reason, the glue still runs
+        assert f"torch {torch.__version__}" in problem and "row-wise" in problem and "fp8_scaled_mm=False" in problem
+        with pytest.raises(ValueError, match="fp8_scaled_mm needs torch._scaled_mm with row-wise scales"):
+            memory.use_scaled_mm(True, "cpu", torch.bfloat16)
+        assert not memory.SCALED_MM
+    granularity = "row" if problem is None else "tensor"
 
     b = [t.bfloat16() if t.is_floating_point() else t for t in ragged_batch(B=2, cap_dim=32, L=7, lens=(7, 4), hw=(8, 8))]
     q = copy.deepcopy(wide).to(torch.bfloat16)
-    memory.quantize_fp8(q)
+    memory.quantize_fp8(q, granularity)
     real, calls = memory.scaled_mm, []
     monkeypatch.setattr(memory, "scaled_mm", lambda *a: calls.append(a[1].shape) or real(*a))
     with torch.no_grad():
         ref = wide(*[t.float() if t.is_floating_point() else t for t in b])
         storage = rel(q(*b), ref)
-        memory.use_scaled_mm(True, "cpu")
+        if problem is None:
+            memory.use_scaled_mm(True, "cpu", torch.bfloat16)
+        else:  # the switch use_scaled_mm refuses, thrown by hand to run the per-tensor glue through the model
+            monkeypatch.setattr(memory, "SCALED_MM", True)
+        calls.clear()  # use_scaled_mm's own probe of the kernel (16 x 16) is not the model's
         try:
             fast = rel(q(*b), ref)
         finally:
-            memory.use_scaled_mm(False, "cpu")
-    print(f"\nfp8 2304 wide vs fp32: fp8 storage + bf16 matmuls {storage:.4f}, fp8 matmuls (_scaled_mm) {fast:.4f}")
+            memory.use_scaled_mm(False, "cpu", torch.bfloat16)
+    print(f"\nfp8 2304 wide vs fp32 ({granularity} scales): fp8 storage + bf16 matmuls {storage:.4f}, fp8 matmuls {fast:.4f}")
     assert len(calls) == 17  # every fp8 Linear of the 3 blocks went through the fp8 GEMM, once
     # the input's rounding to e4m3 adds about the weights' own error again (~1%), in quadrature
     assert storage < fast < 0.05
     with pytest.raises(ValueError, match="needs fp8_base=True"):
         memory.check_combination(fp8_scaled_mm=True)
+
+
+def test_fp8_scaled_mm_is_refused_at_start_up_where_it_cannot_run(tmp_path, monkeypatch):
+    """bf16 only, on every device (the GEMM returns the activations' dtype; fp16/fp32 would skip it unseen), and on CUDA
+    the capability torch's row-wise kernel needs: each refused by sample.py and train.py's config check before any
+    weight file is read, with the dtype, the capability and the torch version in the message."""
+    for dtype in (torch.float16, torch.float32):
+        with pytest.raises(ValueError, match="needs a bf16 model.*" + re.escape(f"runs in {dtype} (torch {torch.__version__})")):
+            memory.use_scaled_mm(True, "cpu", dtype)
+    with pytest.raises(SystemExit, match="needs a bf16 model.*torch.float16"):  # the missing weight files are never reached
+        run_sample({k: str(tmp_path / k) for k in ("dit", "gemma", "ae")}, tmp_path, "--dtype=float16", "--fp8_base=True",
+                   "--fp8_scaled_mm=True")
+    with pytest.raises(SystemExit, match="config errors:(.|\n)*needs a bf16 model.*torch.float32"):
+        train.main(["--device=cpu", "--mixed_precision=no", "--fp8_base=True", "--fp8_scaled_mm=True",
+                    f"--output_dir={tmp_path / 'out'}", "--train_data_dir=missing"])
+    assert memory.scaled_mm_capability("2.6.0") == (9, 0) and memory.scaled_mm_capability("2.11.0+cu130") == (8, 9)
+    # an Ampere card (sm86): no fp8 tensor cores; an Ada card (sm89) with a torch from before its row-wise kernel
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "NVIDIA GeForce RTX 3090")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 6))
+    problem = memory.scaled_mm_problem("cuda", torch.bfloat16)
+    assert f"torch {torch.__version__} has for compute capability 8.9" in problem and "RTX 3090 has 8.6" in problem
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 9))
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    assert "torch 2.6.0+cu124 has for compute capability 9.0" in memory.scaled_mm_problem("cuda", torch.bfloat16)
 
 
 def nbytes(tensors):

@@ -141,9 +141,9 @@ def test_truncated_renormed_cfg_matches_official_rules(dit, solver):
 def test_cfg_batches_cond_and_uncond_and_skips_uncond_when_truncated(dit, monkeypatch):
     calls, stack = [], sample.stack_captions
 
-    def counting(x, t, feats, mask):
+    def counting(x, t, *caption):  # feats, mask and the host lengths
         calls.append(x.shape[0])
-        return dit(x, t, feats, mask)
+        return dit(x, t, *caption)
 
     noise = sample.seeded_noise([1, 2], 32, 32)
     cond, uncond = random_captions(1, 5, [5], seed=1), random_captions(1, 1, [1], seed=2)

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import sample
 import tinyworld
 import train
