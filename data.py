@@ -511,7 +511,8 @@ class Dataset:
 
     def load(self, batch, rank=0, world=1):
         """One batch of the plan -> dict: latents (B, 16, h, w) fp32, cap_feats (B, L, D) in the encoder's dtype, zero-padded to
-        the longest caption, cap_mask (B, L) bool, captions (texts used, "" when dropped), paths. This rank's contiguous share
+        the longest caption, cap_mask (B, L) bool, cap_lens (the captions' lengths, host ints: the forward needs them and
+        must not read them back from the device), captions (texts used, "" when dropped), paths. This rank's contiguous share
         starts at `start` of `global_size`; `weight` = share x world / global_size makes the mean over ranks of weight x (share
         mean) the global mean. A rank left with no sample gets the batch's first at weight 0: every rank must run backward."""
         n = len(batch)
@@ -525,7 +526,7 @@ class Dataset:
         for j, f in enumerate(feats):
             cap_feats[j, :len(f)], cap_mask[j, :len(f)] = f, True
         return {"latents": torch.stack([cache_get(self.latents, (i, flipped)).float() for i, flipped, _ in share]),
-                "cap_feats": cap_feats, "cap_mask": cap_mask, "captions": captions,
+                "cap_feats": cap_feats, "cap_mask": cap_mask, "cap_lens": [len(f) for f in feats], "captions": captions,
                 "paths": [self.items[i][0] for i, _, _ in share],
                 "global_size": n, "start": lo if hi > lo else 0, "weight": (hi - lo) * world / n}
 

@@ -170,8 +170,8 @@ def sample_sigmas(n, latent_hw, generator, c):
 
 
 def flow_matching_loss(model, x0, cap_feats, cap_mask, sigma, noise, cap_lens=None):
-    """x0, noise (B, 16, h, w) fp32; sigma (B,) fp32; cap_lens the captions' valid lengths as host ints (the batch's
-    CPU mask has them: then the forward waits for nothing on the device) -> scalar fp32 MSE against v = x0 - noise."""
+    """x0, noise (B, 16, h, w) fp32; sigma (B,) fp32; cap_lens the captions' valid lengths as host ints (the batch
+    has them: then the forward waits for nothing on the device) -> scalar fp32 MSE against v = x0 - noise."""
     s = sigma.view(-1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     v = model(xt, 1 - sigma, cap_feats, cap_mask, cap_lens)  # t = 1 - sigma stays fp32 into the timestep embedding
@@ -324,7 +324,7 @@ def validation_loss(c, r):
         for k, s in enumerate(c.validation_sigmas):
             sigma = torch.full((len(x0),), float(s), device=c.device)
             loss = flow_matching_loss(r.model, x0, batch["cap_feats"].to(c.device), batch["cap_mask"].to(c.device), sigma, noise[:, k],
-                                      batch["cap_mask"].sum(1).tolist())
+                                      batch["cap_lens"])
             total += loss * len(x0)  # the batch's mean -> its sum
         first += len(x0)
         n += len(x0) * len(c.validation_sigmas)
@@ -411,7 +411,7 @@ def train_loop(c, r):
                 r.net.set_requires_gradient_sync(sync)
             with r.net.no_sync() if r.world > 1 and not r.fsdp and not sync else contextlib.nullcontext():
                 loss = flow_matching_loss(r.net, x0, batch["cap_feats"].to(c.device), batch["cap_mask"].to(c.device),
-                                          sigma.to(c.device), noise, batch["cap_mask"].sum(1).tolist())  # lengths from the CPU mask
+                                          sigma.to(c.device), noise, batch["cap_lens"])
                 # this rank's mean, weighted by its share: averaged over ranks it is the global batch's mean
                 (loss * batch["weight"] / c.gradient_accumulation_steps).backward()
             r.batch_in_epoch += 1
