@@ -138,9 +138,9 @@ def train_ae(folders, path, steps=450, batch_size=32, lr=4e-3, seed=0):
 
 def make_world(out_dir, train_base, size=32):
     """The demo's world under out_dir, each piece made once (a rerun reuses it): 600 pictures in DEMO_COLORS (what the base
-    learns) and 96 in NEW_COLORS with 96 of the base's (what the LoRA learns), the random Gemma and the random Next-DiT the base starts from, the AE
-    trained on all the pictures, then the base DiT trained from scratch by train_base(argv) (train.py's main, with
-    config/demo_base.py). -> the paths a LoRA run on top uses: (dit, gemma, ae, its pictures)."""
+    learns) and 96 in NEW_COLORS beside 96 of the base's (what the LoRA learns), the random Gemma and Next-DiT the base
+    starts from, the AE trained on the pictures, then the base DiT trained from scratch by train_base(argv) (train.py's
+    main, with config/demo_base.py). -> the paths a LoRA run on top uses: (dit, gemma, ae, its pictures)."""
     root = os.path.join(out_dir, "world")
     shapes = dict(size=size, square=True, sizes=(0.28, 0.42), jitter=0.06)  # sizes vary, places a little (+-2 px at 32)
     images = make_demo_dataset(os.path.join(root, "images"), n=600, seed=1, **shapes)
