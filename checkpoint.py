@@ -10,7 +10,9 @@ import math
 import os
 import random
 import re
+import signal
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -204,6 +206,24 @@ def process_alive(owner):
     except PermissionError:  # it exists, owned by another user
         pass
     return True
+
+
+TERMINATED = []  # the SIGTERM's number, once one came
+
+
+def exit_on_sigterm():
+    """SIGTERM (kill, a scheduler's timeout, torchrun stopping a failed job) exits through the cleanups: the temp file being
+    written is removed, the lock released; the last complete checkpoint is resumable. A SystemExit raised while Python runs
+    some object's __del__ is swallowed there ("Exception ignored in ..."), so the loop asks exit_if_terminated every step."""
+    def handler(signum, frame):
+        TERMINATED.append(signum)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def exit_if_terminated():
+    if TERMINATED:
+        sys.exit(128 + TERMINATED[0])
 
 
 def take_lock(path, c):

@@ -22,8 +22,6 @@ import datetime
 import math
 import os
 import random
-import signal
-import sys
 import time
 from types import SimpleNamespace
 
@@ -435,6 +433,7 @@ def train_loop(c, r):
             r.pending.append({"step": r.step, "epoch": r.epoch, "loss": losses, "lr": r.optimizer.lr, "grad_norm": grad_norm,
                               "sigma": torch.stack(sigmas).mean(), "time": round(time.time() - t0, 3)})
             r.bar.update(1)
+            checkpoint.exit_if_terminated()  # a SIGTERM's exit that a __del__ swallowed
             if c.validate_every_n_steps and r.step % c.validate_every_n_steps == 0:
                 r.pending[-1]["val_loss"] = validation_loss(c, r)
             if r.step % c.log_every == 0 or r.step == total_steps:
@@ -484,7 +483,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # SIGTERM (kill, a scheduler's timeout, torchrun stopping a failed job) exits through the cleanups: the
-    # temp file being written is removed, the lock released; the last complete checkpoint is resumable
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    checkpoint.exit_on_sigterm()  # through the cleanups: temp files removed, the lock released
     main()
