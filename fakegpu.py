@@ -13,7 +13,7 @@ SDPA kernel choice of aten/src/ATen/native/transformers/cuda/sdp_utils.cpp.
 Where the stand-in differs from a CUDA run, each difference a line of code named here:
   - the device is "meta", not a FakeTensorMode's fake CUDA: on a CPU-only build autograd aborts the process on a fake CUDA
     tensor (its graph asks for a CUDA device guard), and nn.Module.to() cannot move fake parameters (swap_tensors refuses
-    them). The model is loaded on meta, so memory.host_copy keeps a swapped block's "CPU RAM" copy on meta too, and the
+    them). The model is loaded on meta, so memory.BlockSwap keeps a swapped block's "CPU RAM" copy on meta too, and the
     tracker counts what the run places (the model's parameters, buffers and swap slots: label_model) and what ops make;
   - stand_in(): lumina2.fused_sdpa_only answers True, as on CUDA, so the model takes its CUDA attention routes, and
     F.scaled_dot_product_attention is the kernel CUDA picks (KERNELS["cuda"]) called as its aten op, whose outputs and

@@ -3,10 +3,8 @@ Memory and speed transforms for the Next-DiT, applied from outside the loaded mo
 sampling): fp8 base weights, gradient checkpointing, regional torch.compile and block swap. None renames a module or a
 state_dict key; `prepare` applies them in the one order that composes.
 
-References (read, not copied): kohya-ss/sd-scripts and musubi-tuner (`--blocks_to_swap`, `--fp8_base`, the
-host-to-device-only offloader for LoRA training), torchtitan (checkpointing, then compile, per block),
-torchtune's activation offloading (a copy stream and events against the compute stream), ComfyUI's
-scaled-fp8 files (a `scale_weight` next to each fp8 weight), the torch.utils.checkpoint and torch.compile docs.
+References (read, not copied): sd-scripts and musubi-tuner (`--blocks_to_swap`, `--fp8_base`), torchtitan (checkpointing,
+then compile, per block), torchtune's activation offloading (copy stream and events), ComfyUI's scaled-fp8 files.
 
     python sample.py config/sample_demo.py --blocks_to_swap=1 --fp8_base=True
     python -c "import lumina2, lora, memory; m = lumina2.load_dit('lumina_2_model_bf16.safetensors'); lora.inject(m, rank=16); \\
@@ -65,8 +63,7 @@ def dequantize(w8, scale, dtype):
     return w8.to(dtype) * scale.to(dtype)  # exact: fp8 -> bf16/fp32 is exact and the scale a power of two
 
 
-# torch's row-wise fp8 GEMM on CUDA is a CUTLASS kernel for sm90 (aten/src/ATen/native/cuda/RowwiseScaledMM.cu); its sm89
-# version came with pytorch#144348 and #145676 (January 2025, so torch 2.7): before that, Ada cards (sm89) had none
+# torch's row-wise fp8 GEMM on CUDA: sm90 always, sm89 from torch 2.7 (pytorch#144348, #145676; docs/training.md)
 ROWWISE_SM89_SINCE = "2.7"
 
 
@@ -76,13 +73,7 @@ def scaled_mm_capability(version=None):
 
 
 def scaled_mm_problem(device, dtype):
-    """Why fp8_scaled_mm cannot run on `device` for a model in `dtype` with this torch, or None. The rule (docs/training.md):
-      - bf16 only: the fp8 GEMM returns the activations' dtype, and torch's row-wise kernels gave bf16 output only (CUTLASS:
-        "Only bf16 high precision output types are supported for row-wise scaling"); fp16 or fp32 would skip it unseen;
-      - CUDA: compute capability scaled_mm_capability() or newer (9.0; 8.9 from torch 2.7);
-      - then the kernel itself, on 16x16 zeros through scaled_mm: a torch whose kernel takes per-tensor scales only (torch
-        2.11 on the CPU: "Now _scaled_mm only supports per-tensor scaling for CPU backend"), a Windows or ROCm build
-        without it, say so here, at start-up, not at the first matmul."""
+    """Why fp8_scaled_mm cannot run here (bf16 only, the CUDA capability, the kernel tried on zeros: docs/training.md), or None."""
     dev, version = torch.device(device), f"torch {torch.__version__}"
     if dtype != torch.bfloat16:
         return (f"fp8_scaled_mm needs a bf16 model: its fp8 GEMM (torch._scaled_mm, row-wise scales) gives bf16 output only, "
@@ -104,8 +95,7 @@ def scaled_mm_problem(device, dtype):
 
 def use_scaled_mm(on, device, dtype):
     """fp8_scaled_mm (musubi-tuner's --fp8_fast): twice the bf16 tensor-core rate on sm89/sm90, for the input's rounding to 3
-    mantissa bits (test_memory.py). Refused, with scaled_mm_problem()'s reason, where this torch and device have no row-wise
-    fp8 GEMM for `dtype`; the CPU runs torch's reference kernel, for the tests."""
+    mantissa bits (test_memory.py). Refused with scaled_mm_problem()'s reason; the CPU runs torch's reference kernel."""
     global SCALED_MM
     if on and (problem := scaled_mm_problem(device, dtype)):
         raise ValueError(problem)
@@ -260,14 +250,6 @@ def swapped_tensors(block, prefix=""):
     return out + list(block.named_buffers())
 
 
-def host_copy(t, pin):
-    """Where a swapped tensor waits in CPU RAM (pinned: CUDA copies it on a side stream). On the meta device, plan.py's
-    stand-in GPU, it stays on meta: a meta tensor has no bytes to copy, and the planner counts only the device's tensors."""
-    if t.device.type == "meta":
-        return t.detach()
-    return t.detach().cpu().pin_memory() if pin else t.detach().cpu()
-
-
 class BlockSwap:
     """n blocks whose frozen tensors live in CPU RAM (pinned for CUDA) and rotate through n_slots device slots (device memory:
     the unswapped layers plus n_slots blocks, whatever n): block j's tensors point at slot j % n_slots for good, so making
@@ -287,7 +269,9 @@ class BlockSwap:
             if layout(ts) != layout(tensors[0]):
                 raise ValueError(f"block swap needs identical layers, but layer {first_layer + j}'s frozen tensors differ "
                                  f"from layer {first_layer}'s: {sorted(set(layout(ts)) ^ set(layout(tensors[0])))[:4]}")
-        self.host = [[host_copy(t, pin=self.cuda) for _, t in ts] for ts in tensors]
+        # CPU RAM, pinned for CUDA's side stream; a meta tensor (plan.py's stand-in GPU) stays on meta: it has no bytes
+        host = lambda t: t.detach() if t.is_meta else t.detach().cpu().pin_memory() if self.cuda else t.detach().cpu()
+        self.host = [[host(t) for _, t in ts] for ts in tensors]
         self.n_slots = min(n_slots, len(self.blocks))
         self.slots = [[torch.empty_like(h, device=self.device) for h in self.host[0]] for _ in range(self.n_slots)]
         self.resident = [None] * self.n_slots  # the block whose weights each slot holds

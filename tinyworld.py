@@ -155,6 +155,6 @@ def make_world(out_dir, train_base, size=32):
         train_ae([images, new], ae)
     base = os.path.join(out_dir, "base", "demo_base.safetensors")
     if not os.path.exists(base):
-        train_base([os.path.join(CONFIG, "demo_base.py"), f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}",
+        train_base([os.path.join(CONFIG, "demo.py"), os.path.join(CONFIG, "demo_base.py"), f"--dit_path={weights['dit']}", f"--gemma_path={weights['gemma']}",
                     f"--ae_path={ae}", f"--train_data_dir={images}", f"--output_dir={os.path.dirname(base)}"])
     return base, weights["gemma"], ae, new

@@ -246,7 +246,8 @@ def test_control_shuffled_captions_draw_chance_colours(world, tmp_path):
         shutil.copy(os.path.join(pictures, n + ".png"), shuffled / (n + ".png"))
         (shuffled / (n + ".txt")).write_text(caption)
     weights = os.path.join(world, "world", "weights")
-    train.main([os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "demo_base.py"),
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+    train.main([os.path.join(config, "demo.py"), os.path.join(config, "demo_base.py"),  # as tinyworld.make_world runs it
                 f"--dit_path={os.path.join(weights, 'lumina_2_model_bf16.safetensors')}",
                 f"--gemma_path={os.path.join(weights, 'gemma_2_2b_fp16.safetensors')}",
                 f"--ae_path={os.path.join(world, 'world', 'ae.safetensors')}", f"--train_data_dir={shuffled}",
